@@ -1,0 +1,37 @@
+// The Python module dlkernels._C: submodule `cpu` always, `cuda` when built with CUDA.
+#include <torch/extension.h>
+
+#include "api.h"
+
+#define DLK_BIND_ACTIVATION(m, ns)                                                       \
+  m.def("leaky_relu", &ns::leaky_relu, py::arg("input"), py::arg("negative_slope"));     \
+  m.def("leaky_relu_", &ns::leaky_relu_, py::arg("input"), py::arg("negative_slope"));   \
+  m.def("leaky_relu_backward", &ns::leaky_relu_backward, py::arg("grad_output"),         \
+        py::arg("input"), py::arg("negative_slope"));                                    \
+  m.def("prelu", &ns::prelu, py::arg("input"), py::arg("weight"));                       \
+  m.def("prelu_backward", &ns::prelu_backward, py::arg("grad_output"), py::arg("input"), \
+        py::arg("weight"));
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dlkernels compiled kernels";
+  auto cpu = m.def_submodule("cpu", "C++ CPU kernels (OpenMP + SIMD)");
+  DLK_BIND_ACTIVATION(cpu, dlk::cpu)
+  cpu.def("simd_path", &dlk::cpu::simd_path, "ISA level of the kernel clones chosen for this CPU");
+
+  py::dict info;
+#ifdef DLK_WITH_CUDA
+  auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
+  DLK_BIND_ACTIVATION(cuda, dlk::cuda)
+  info["cuda"] = true;
+  info["cuda_arch_list"] = DLK_CUDA_ARCH_LIST;
+#else
+  info["cuda"] = false;
+  info["cuda_arch_list"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  m.attr("build_info") = info;
+}

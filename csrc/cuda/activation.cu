@@ -1,0 +1,138 @@
+// CUDA leaky ReLU / PReLU. The per-element math is csrc/common/activation.h, shared with the
+// CPU kernels; storage may be fp16/bf16, compute is float (double for fp64).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common/activation.h"
+#include "activation.cuh"
+
+namespace dlk::cuda {
+namespace {
+
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+template <typename T> using compute_t = typename Compute<T>::type;
+
+template <typename T> __device__ __forceinline__ compute_t<T> ld(const T* p, int64_t i) {
+  return static_cast<compute_t<T>>(p[i]);
+}
+template <typename T> __device__ __forceinline__ void st(T* p, int64_t i, compute_t<T> v) {
+  p[i] = static_cast<T>(v);
+}
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(b < 65535 * 8 ? b : 65535 * 8);  // grid-stride loops cover the rest
+}
+
+template <typename T>
+__global__ void leaky_fwd_kernel(const T* __restrict__ x, T* y, int64_t n, compute_t<T> slope) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    st(y, i, leaky_relu_fwd(ld(x, i), slope));
+}
+
+template <typename T>
+__global__ void leaky_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                 T* __restrict__ gi, int64_t n, compute_t<T> slope) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    st(gi, i, leaky_relu_bwd(ld(g, i), ld(x, i), slope));
+}
+
+template <typename T>
+__global__ void prelu_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                 T* __restrict__ y, int64_t n, int64_t C, int64_t inner) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    st(y, i, leaky_relu_fwd(ld(x, i), ld(w, (i / inner) % C)));
+}
+
+// Grid (split, C): block (s, c) walks every split-th slice of channel c's outer*inner positions,
+// writes grad_input and one partial slope gradient. No atomics: results are deterministic.
+template <typename T>
+__global__ void prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x,
+                                 const T* __restrict__ w, T* __restrict__ gi,
+                                 compute_t<T>* __restrict__ partials, int64_t outer, int64_t C,
+                                 int64_t inner) {
+  using A = compute_t<T>;
+  const int64_t c = blockIdx.y;
+  const A slope = ld(w, c);
+  const int64_t per_channel = outer * inner;
+  A acc = 0;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < per_channel;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = (k / inner) * C * inner + c * inner + k % inner;
+    const A gv = ld(g, i), xv = ld(x, i);
+    st(gi, i, leaky_relu_bwd(gv, xv, slope));
+    acc += prelu_weight_grad(gv, xv);
+  }
+  __shared__ A smem[kThreads];
+  smem[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[c * gridDim.x + blockIdx.x] = smem[0];
+}
+
+template <typename F>
+void dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::f16: return f(__half{});
+    case DType::bf16: return f(__nv_bfloat16{});
+  }
+}
+
+}  // namespace
+
+void launch_leaky_relu_fwd(DType t, const void* x, void* y, int64_t n, double slope,
+                           cudaStream_t s) {
+  if (n == 0) return;
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    leaky_fwd_kernel<T><<<blocks_for(n), kThreads, 0, s>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), n, compute_t<T>(slope));
+  });
+}
+
+void launch_leaky_relu_bwd(DType t, const void* g, const void* x, void* gi, int64_t n,
+                           double slope, cudaStream_t s) {
+  if (n == 0) return;
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    leaky_bwd_kernel<T><<<blocks_for(n), kThreads, 0, s>>>(
+        static_cast<const T*>(g), static_cast<const T*>(x), static_cast<T*>(gi), n,
+        compute_t<T>(slope));
+  });
+}
+
+void launch_prelu_fwd(DType t, const void* x, const void* w, void* y, int64_t outer, int64_t C,
+                      int64_t inner, cudaStream_t s) {
+  const int64_t n = outer * C * inner;
+  if (n == 0) return;
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    prelu_fwd_kernel<T><<<blocks_for(n), kThreads, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), n, C, inner);
+  });
+}
+
+void launch_prelu_bwd(DType t, const void* g, const void* x, const void* w, void* gi,
+                      void* partials, int64_t outer, int64_t C, int64_t inner, int split,
+                      cudaStream_t s) {
+  if (outer * C * inner == 0) return;
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    prelu_bwd_kernel<T><<<dim3(split, C), kThreads, 0, s>>>(
+        static_cast<const T*>(g), static_cast<const T*>(x), static_cast<const T*>(w),
+        static_cast<T*>(gi), static_cast<compute_t<T>*>(partials), outer, C, inner);
+  });
+}
+
+}  // namespace dlk::cuda

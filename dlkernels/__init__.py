@@ -1,0 +1,32 @@
+"""dlkernels: fused CPU (C++/OpenMP/SIMD), CUDA C++ and Triton kernels behind torch.nn-style
+modules and functions, each checked against a plain-torch reference.
+
+    import dlkernels
+    act = dlkernels.nn.PReLU(64)              # drop-in for torch.nn.PReLU
+    with dlkernels.use_backend("reference"):  # or DLK_BACKEND=cpu|cuda|triton|reference
+        ...
+"""
+
+from dlkernels import _backend
+from dlkernels._backend import BACKENDS, BackendUnavailableError, use_backend
+from dlkernels import ops  # noqa: E402  (registers the torch.ops.dlkernels namespace)
+from dlkernels import cpu, functional, nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Each backend -> (usable here, why or why not)."""
+    return _backend.status()
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "cpu",
+    "functional",
+    "nn",
+    "ops",
+    "use_backend",
+]

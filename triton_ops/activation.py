@@ -1,0 +1,238 @@
+"""Leaky ReLU and PReLU in Triton: forward, in-place and backward launchers.
+
+Layout (the same as the C++ backend): outputs are ``torch.empty_like(x)``, which keeps the
+strides of any non-overlapping and dense ``x`` (e.g. channels_last); any other ``x`` is first
+copied into that layout, and ``grad`` into ``x``'s. Every kernel then walks flat memory order,
+where the channel of position ``o`` is ``(o // x.stride(1)) % C``. Math runs in float32 for
+float16/bfloat16/float32 and in float64 for float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+
+BLOCK = 1024
+# C * SPLIT programs aimed at by the PReLU backward: several waves on a 132-SM GPU.
+_TARGET_PROGRAMS = 1024
+# Index math is int32 below this numel (int32 div/mod is much cheaper than int64); the margin
+# keeps the backward's loop counter (stepping up to SPLIT * BLOCK past the end) from overflowing.
+_INT32_LIMIT = 2**31 - 2**22
+
+
+@triton.jit
+def _acc(v):
+    # fp16/bf16/fp32 compute in fp32, fp64 in fp64
+    return v.to(tl.float64) if v.dtype == tl.float64 else v.to(tl.float32)
+
+
+@triton.jit
+def _offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+# `slope` is annotated fp64 so float64 inputs see the exact slope (the JIT would pass a Python
+# float as fp32); tl.full rounds it once to the compute type, also under the interpreter.
+@triton.jit
+def _leaky_relu_fwd_kernel(x_ptr, y_ptr, n, slope: tl.float64, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    offs = _offsets(BLOCK, WIDE)
+    mask = offs < n
+    x = _acc(tl.load(x_ptr + offs, mask=mask))
+    y = tl.where(x > 0, x, x * tl.full([], slope, x.dtype))
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _leaky_relu_bwd_kernel(g_ptr, x_ptr, gi_ptr, n, slope: tl.float64, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    offs = _offsets(BLOCK, WIDE)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    g = _acc(tl.load(g_ptr + offs, mask=mask))
+    gi = tl.where(x > 0, g, g * tl.full([], slope, g.dtype))
+    tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, n, inner, C, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # inner = stride of the channel dim; a single slope launches with inner = C = 1, which the
+    # JIT specializes to constants, so the div/mod below folds away.
+    offs = _offsets(BLOCK, WIDE)
+    mask = offs < n
+    x = _acc(tl.load(x_ptr + offs, mask=mask))
+    # the channel index is in range even where masked; unmasked, a single slope loads once
+    w = _acc(tl.load(w_ptr + (offs // inner) % C))
+    y = tl.where(x > 0, x, w * x)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, C,
+                      BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # Memory is [outer, C, inner] and m = outer * inner. Program (c, s) takes blocks s, s + SPLIT,
+    # ... of channel c's m positions: it writes grad_input there and one partial sum of the
+    # weight gradient to part[c, s]. A fixed order and no atomics: deterministic.
+    c = tl.program_id(0) % C  # == program_id(0); folds to 0 when the JIT makes C = 1 a constant
+    s = tl.program_id(1)
+    split = tl.num_programs(1)
+    if WIDE:
+        c = c.to(tl.int64)
+        s = s.to(tl.int64)
+    acc_ty = part_ptr.dtype.element_ty
+    w = tl.load(w_ptr + c).to(acc_ty)
+    acc = tl.zeros([BLOCK], dtype=acc_ty)
+    for start in range(s * BLOCK, m, split * BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        mask = p < m
+        o = (p // inner) * (C * inner) + c * inner + p % inner
+        x = tl.load(x_ptr + o, mask=mask, other=0).to(acc_ty)
+        g = tl.load(g_ptr + o, mask=mask, other=0).to(acc_ty)
+        pos = x > 0
+        tl.store(gi_ptr + o, tl.where(pos, g, w * g).to(gi_ptr.dtype.element_ty), mask=mask)
+        acc += tl.where(pos, 0.0, x * g)
+    tl.store(part_ptr + c * split + s, tl.sum(acc, axis=0))
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    # Non-overlapping and dense: some permutation of the dims is contiguous (size-1 dims and
+    # their strides do not matter). torch has no public Tensor method for this.
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if _is_dense(t) else torch.empty_like(t).copy_(t)
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    # t with ref's (dense) memory layout, so both walk the same flat order
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
+def _device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    # triton launches on torch's current device; make that t's device
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _channels(xd: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+    # (C, inner) of the [outer, C, inner] view of dense xd; a single slope is C = inner = 1
+    c = weight.numel()
+    return (c, xd.stride(1)) if c > 1 else (1, 1)
+
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def _leaky_relu_into(out: torch.Tensor, xd: torch.Tensor, negative_slope: float) -> None:
+    n = xd.numel()
+    with _device(xd):
+        _leaky_relu_fwd_kernel[_grid(n)](xd, out, n, float(negative_slope), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
+
+
+def leaky_relu(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """y = x if x > 0 else x * negative_slope."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    xd = _dense(x)
+    y = torch.empty_like(xd)
+    _leaky_relu_into(y, xd, negative_slope)
+    return y
+
+
+def leaky_relu_(x: torch.Tensor, negative_slope: float) -> None:
+    """In-place leaky_relu; a non-dense x is computed into a dense temporary and copied back."""
+    if x.numel() == 0:
+        return
+    if _is_dense(x):
+        _leaky_relu_into(x, x, negative_slope)
+    else:
+        x.copy_(leaky_relu(x, negative_slope))
+
+
+def leaky_relu_backward(grad: torch.Tensor, x: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """grad_input = grad if x > 0 else grad * negative_slope."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    xd = _dense(x)
+    gd = _like(grad, xd)
+    gi = torch.empty_like(xd)
+    n = xd.numel()
+    with _device(xd):
+        _leaky_relu_bwd_kernel[_grid(n)](gd, xd, gi, n, float(negative_slope), BLOCK=BLOCK,
+                                         WIDE=n > _INT32_LIMIT)
+    return gi
+
+
+def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x if x > 0 else weight[c] * x, with c the index along dim 1 (one slope if numel 1)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    xd = _dense(x)
+    y = torch.empty_like(xd)
+    c, inner = _channels(xd, weight)
+    n = xd.numel()
+    with _device(xd):
+        _prelu_fwd_kernel[_grid(n)](xd, weight.contiguous(), y, n, inner, c, BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
+    return y
+
+
+def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_weight); grad_weight[c] sums (0 if x > 0 else x * grad) over channel c,
+    accumulated in float32 (float64 for float64) and returned in weight's shape and dtype."""
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    xd = _dense(x)
+    gd = _like(grad, xd)
+    gi = torch.empty_like(xd)
+    c, inner = _channels(xd, weight)
+    n = xd.numel()
+    m = n // c
+    split = min(triton.cdiv(m, BLOCK), max(1, _TARGET_PROGRAMS // c))
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
+    with _device(xd):
+        _prelu_bwd_kernel[(c, split)](gd, xd, weight.contiguous(), gi, part, m, inner, c, BLOCK=BLOCK,
+                                      WIDE=n > _INT32_LIMIT)
+    return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
+
+
+def _spec(kernel, dt: str, *variant: str, **consts: int) -> AotSpec:
+    # Types by naming convention: *_ptr are 16-byte aligned tensors of dtype dt (partial sums in
+    # the accumulation type), slope is fp64, sizes are i32. Variants: "odd" (numel not a multiple
+    # of 16: no vector loads), "wide" (int64 indexing). consts: sizes the JIT turns into
+    # constants (its integer arguments equal to 1).
+    types = {"part_ptr": "*fp64:16" if dt == "fp64" else "*fp32:16", "slope": "fp64"}
+    n_type = {"odd": "i32", "wide": "i64:16"}.get(variant[0] if variant else "", "i32:16")
+    sig = {}
+    for a in kernel.arg_names:
+        if a not in ("BLOCK", "WIDE", *consts):
+            size = n_type if a in ("n", "m") else "i32"
+            sig[a] = types.get(a, f"*{dt}:16" if a.endswith("_ptr") else size)
+    tag = ",".join([dt, *variant, *(f"{k}={v}" for k, v in consts.items())])
+    name = kernel.__name__.strip("_").removesuffix("_kernel")
+    return AotSpec(f"{name}[{tag}]", kernel, sig, {"BLOCK": BLOCK, "WIDE": int("wide" in variant), **consts})
+
+
+_KERNELS = (_leaky_relu_fwd_kernel, _leaky_relu_bwd_kernel, _prelu_fwd_kernel, _prelu_bwd_kernel)
+AOT_SPECS: list[AotSpec] = [
+    *(_spec(k, dt) for dt in ("fp32", "bf16", "fp64") for k in _KERNELS),
+    # other specializations the JIT produces: odd sizes, int64 indexing, one shared slope
+    # (inner = C = 1), channels_last (inner = 1)
+    *(_spec(k, "bf16", "odd") for k in (_leaky_relu_fwd_kernel, _prelu_bwd_kernel)),
+    *(_spec(k, "fp32", "wide") for k in (_leaky_relu_fwd_kernel, _prelu_fwd_kernel, _prelu_bwd_kernel)),
+    _spec(_prelu_fwd_kernel, "bf16", inner=1, C=1),
+    _spec(_prelu_bwd_kernel, "bf16", inner=1, C=1),
+    _spec(_prelu_bwd_kernel, "bf16", inner=1),
+]
