@@ -7,10 +7,9 @@ modules and functions, each checked against a plain-torch reference.
         ...
 """
 
-from dlkernels import _backend
+# `ops` registers the torch.ops.dlkernels namespace.
+from dlkernels import _backend, cpu, functional, nn, ops
 from dlkernels._backend import BACKENDS, BackendUnavailableError, use_backend
-from dlkernels import ops  # noqa: E402  (registers the torch.ops.dlkernels namespace)
-from dlkernels import cpu, functional, nn  # noqa: E402
 
 __version__ = "0.1.0"
 

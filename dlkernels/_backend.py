@@ -116,7 +116,9 @@ def select(device: torch.device) -> str:
         return name
     if name == "cpu":
         if _C is None:
-            raise BackendUnavailableError(f"dlkernels backend 'cpu' is unavailable: dlkernels._C failed to load ({_C_ERROR})")
+            raise BackendUnavailableError(
+                f"dlkernels backend 'cpu' is unavailable: dlkernels._C failed to load ({_C_ERROR})"
+            )
         if device.type != "cpu":
             raise BackendUnavailableError(f"dlkernels backend 'cpu' cannot run {device.type} tensors")
     elif name == "cuda":

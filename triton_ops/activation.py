@@ -39,6 +39,19 @@ def _offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
     return pid * BLOCK + tl.arange(0, BLOCK)
 
 
+@triton.jit
+def _divmod(n, d, magic, shift, WIDE: tl.constexpr):
+    # (n // d, n % d) for n >= 0. Below 2**31 it uses a multiplier precomputed by _divider
+    # (PyTorch's IntDivider): ~4 instructions instead of ~15 for a division by a runtime int32,
+    # which would otherwise dominate these memory-bound kernels.
+    if WIDE:
+        q = n // d
+    else:
+        u = n.to(tl.uint32)
+        q = ((tl.umulhi(u, tl.cast(magic, tl.uint32)) + u) >> tl.cast(shift, tl.uint32)).to(tl.int32)
+    return q, n - q * d
+
+
 # `slope` is annotated fp64 so float64 inputs see the exact slope (the JIT would pass a Python
 # float as fp32); tl.full rounds it once to the compute type, also under the interpreter.
 @triton.jit
@@ -61,20 +74,22 @@ def _leaky_relu_bwd_kernel(g_ptr, x_ptr, gi_ptr, n, slope: tl.float64, BLOCK: tl
 
 
 @triton.jit
-def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, n, inner, C, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    # inner = stride of the channel dim; a single slope launches with inner = C = 1, which the
-    # JIT specializes to constants, so the div/mod below folds away.
+def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, n, inner, inner_m, inner_s, C, C_m, C_s,
+                      BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # Memory is [outer, C, inner]: channel (o // inner) % C. (d, d_m, d_s) are a divisor and
+    # its _divider; a single slope launches with inner = C = 1.
     offs = _offsets(BLOCK, WIDE)
     mask = offs < n
+    q, _ = _divmod(offs, inner, inner_m, inner_s, WIDE)
+    _, c = _divmod(q, C, C_m, C_s, WIDE)
     x = _acc(tl.load(x_ptr + offs, mask=mask))
-    # the channel index is in range even where masked; unmasked, a single slope loads once
-    w = _acc(tl.load(w_ptr + (offs // inner) % C))
+    w = _acc(tl.load(w_ptr + c))  # c is in range even where masked
     y = tl.where(x > 0, x, w * x)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, C,
+def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, inner_m, inner_s, C,
                       BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # Memory is [outer, C, inner] and m = outer * inner. Program (c, s) takes blocks s, s + SPLIT,
     # ... of channel c's m positions: it writes grad_input there and one partial sum of the
@@ -91,7 +106,8 @@ def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, C,
     for start in range(s * BLOCK, m, split * BLOCK):
         p = start + tl.arange(0, BLOCK)
         mask = p < m
-        o = (p // inner) * (C * inner) + c * inner + p % inner
+        row, col = _divmod(p, inner, inner_m, inner_s, WIDE)
+        o = row * (C * inner) + c * inner + col
         x = tl.load(x_ptr + o, mask=mask, other=0).to(acc_ty)
         g = tl.load(g_ptr + o, mask=mask, other=0).to(acc_ty)
         pos = x > 0
@@ -129,6 +145,13 @@ def _channels(xd: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
     # (C, inner) of the [outer, C, inner] view of dense xd; a single slope is C = inner = 1
     c = weight.numel()
     return (c, xd.stride(1)) if c > 1 else (1, 1)
+
+
+def _divider(d: int) -> tuple[int, int, int]:
+    # (d, multiplier, shift) with n // d == (umulhi(n, multiplier) + n) >> shift for
+    # 0 <= n < 2**31 (PyTorch's IntDivider); d = 1 gives (1, 1, 0)
+    shift = (d - 1).bit_length()
+    return d, (2**32 * (2**shift - d)) // d + 1, shift
 
 
 def _grid(n: int) -> tuple[int]:
@@ -184,7 +207,8 @@ def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     c, inner = _channels(xd, weight)
     n = xd.numel()
     with _device(xd):
-        _prelu_fwd_kernel[_grid(n)](xd, weight.contiguous(), y, n, inner, c, BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
+        _prelu_fwd_kernel[_grid(n)](xd, weight.contiguous(), y, n, *_divider(inner), *_divider(c), BLOCK=BLOCK,
+                                    WIDE=n > _INT32_LIMIT)
     return y
 
 
@@ -203,36 +227,38 @@ def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
     with _device(xd):
-        _prelu_bwd_kernel[(c, split)](gd, xd, weight.contiguous(), gi, part, m, inner, c, BLOCK=BLOCK,
-                                      WIDE=n > _INT32_LIMIT)
+        _prelu_bwd_kernel[(c, split)](gd, xd, weight.contiguous(), gi, part, m, *_divider(inner), c,
+                                      BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
     return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
 
 
-def _spec(kernel, dt: str, *variant: str, **consts: int) -> AotSpec:
+# Constants the JIT makes of integer arguments equal to 1 (a divider of 1 is (1, 1, 0)).
+_VARIANT_CONSTS = {
+    "one_slope": {"inner": 1, "inner_m": 1, "C": 1, "C_m": 1},
+    "channels_last": {"inner": 1, "inner_m": 1},
+}
+
+
+def _spec(kernel, dt: str, variant: str = "") -> AotSpec:
     # Types by naming convention: *_ptr are 16-byte aligned tensors of dtype dt (partial sums in
-    # the accumulation type), slope is fp64, sizes are i32. Variants: "odd" (numel not a multiple
-    # of 16: no vector loads), "wide" (int64 indexing). consts: sizes the JIT turns into
-    # constants (its integer arguments equal to 1).
-    types = {"part_ptr": "*fp64:16" if dt == "fp64" else "*fp32:16", "slope": "fp64"}
-    n_type = {"odd": "i32", "wide": "i64:16"}.get(variant[0] if variant else "", "i32:16")
-    sig = {}
-    for a in kernel.arg_names:
-        if a not in ("BLOCK", "WIDE", *consts):
-            size = n_type if a in ("n", "m") else "i32"
-            sig[a] = types.get(a, f"*{dt}:16" if a.endswith("_ptr") else size)
-    tag = ",".join([dt, *variant, *(f"{k}={v}" for k, v in consts.items())])
+    # the accumulation type), slope is fp64, other integers i32. Variants: "odd" (numel not a
+    # multiple of 16: no vector loads), "wide" (int64 indexing), and those in _VARIANT_CONSTS.
+    consts = {"BLOCK": BLOCK, "WIDE": int(variant == "wide")}
+    consts.update({k: v for k, v in _VARIANT_CONSTS.get(variant, {}).items() if k in kernel.arg_names})
+    size = {"odd": "i32", "wide": "i64:16"}.get(variant, "i32:16")
+    types = {"part_ptr": "*fp64:16" if dt == "fp64" else "*fp32:16", "slope": "fp64", "n": size, "m": size}
+    sig = {a: types.get(a, f"*{dt}:16" if a.endswith("_ptr") else "i32")
+           for a in kernel.arg_names if a not in consts}
     name = kernel.__name__.strip("_").removesuffix("_kernel")
-    return AotSpec(f"{name}[{tag}]", kernel, sig, {"BLOCK": BLOCK, "WIDE": int("wide" in variant), **consts})
+    return AotSpec(f"{name}[{','.join(filter(None, (dt, variant)))}]", kernel, sig, consts)
 
 
 _KERNELS = (_leaky_relu_fwd_kernel, _leaky_relu_bwd_kernel, _prelu_fwd_kernel, _prelu_bwd_kernel)
 AOT_SPECS: list[AotSpec] = [
     *(_spec(k, dt) for dt in ("fp32", "bf16", "fp64") for k in _KERNELS),
-    # other specializations the JIT produces: odd sizes, int64 indexing, one shared slope
-    # (inner = C = 1), channels_last (inner = 1)
+    # other specializations the JIT makes
     *(_spec(k, "bf16", "odd") for k in (_leaky_relu_fwd_kernel, _prelu_bwd_kernel)),
     *(_spec(k, "fp32", "wide") for k in (_leaky_relu_fwd_kernel, _prelu_fwd_kernel, _prelu_bwd_kernel)),
-    _spec(_prelu_fwd_kernel, "bf16", inner=1, C=1),
-    _spec(_prelu_bwd_kernel, "bf16", inner=1, C=1),
-    _spec(_prelu_bwd_kernel, "bf16", inner=1),
+    *(_spec(k, "bf16", "one_slope") for k in (_prelu_fwd_kernel, _prelu_bwd_kernel)),
+    _spec(_prelu_bwd_kernel, "bf16", "channels_last"),
 ]

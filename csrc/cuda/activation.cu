@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "../common/activation.h"
 #include "activation.cuh"
 
@@ -13,11 +15,26 @@ template <typename T> struct Compute { using type = float; };
 template <> struct Compute<double> { using type = double; };
 template <typename T> using compute_t = typename Compute<T>::type;
 
+// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return v;
+  }
+}
+
 template <typename T> __device__ __forceinline__ compute_t<T> ld(const T* p, int64_t i) {
-  return static_cast<compute_t<T>>(p[i]);
+  return to_compute(p[i]);
 }
 template <typename T> __device__ __forceinline__ void st(T* p, int64_t i, compute_t<T> v) {
-  p[i] = static_cast<T>(v);
+  p[i] = from_compute<T>(v);
 }
 
 constexpr int kThreads = 256;

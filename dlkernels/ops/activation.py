@@ -102,6 +102,9 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
     slope = _checks.number_arg("leaky_relu", "negative_slope", 2, negative_slope)
     _checks.float_dtype("leaky_relu", input)
     if inplace:
+        if input.is_leaf and input.requires_grad and torch.is_grad_enabled():
+            # torch's own wording (autograd.Function would say "has been used").
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
         return _LeakyReLUInplace.apply(input, slope)
     return _leaky_relu(input, slope)
 

@@ -1,0 +1,334 @@
+"""Benchmark harness shared by every ``bench/bench_<family>.py``.
+
+A family module defines ``cases(quick: bool, device: str) -> list[Case]``. For each case the
+harness measures, in the same process: the bandwidth of the access pattern the case matches (at
+the case's size), then every contender (dlkernels, torch eager, torch.compile, ...). It reports
+medians with their spread, speedups of each contender against the peers, and the roofline
+fraction. ``python -m bench`` runs each allocator setting in its own subprocess and merges.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+ALLOC_SETTINGS = ("default", "reuse")
+ALLOC_LABELS = {
+    "default": "default glibc malloc (large blocks mmapped fresh)",
+    "reuse": "large-block reuse (dlkernels.cpu.reuse_large_allocations)",
+}
+DLK, EAGER, COMPILE = "dlkernels", "torch eager", "torch.compile"
+PEERS = {"eager": EAGER, "compile": COMPILE}  # speedup columns: speedup_vs_<key>
+# Bytes each probe moves per element, as counted for its GB/s.
+PATTERNS = {"read": 1, "copy": 2, "inplace": 2}
+
+
+@dataclass
+class Case:
+    """One benchmark case.
+
+    ``setup`` builds the inputs and returns name -> zero-argument callable; it runs only when the
+    case runs, so big tensors of other cases are not alive meanwhile. ``min_bytes`` is what the
+    algorithm must move at least; ``pattern`` names the probe in PATTERNS it is limited by, and
+    ``size_bytes`` the tensor size at which that probe runs (normally the main input's).
+    """
+
+    name: str
+    setup: Callable[[], dict[str, Callable[[], Any]]]
+    min_bytes: int
+    pattern: str
+    size_bytes: int
+    device: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    warmup: int = 3
+    repeats: int = 30
+    min_time: float = 0.5  # seconds; keep calling past `repeats` until this much time is measured
+    max_calls: int = 2000
+
+
+QUICK = Timing(warmup=1, repeats=5, min_time=0.01, max_calls=20)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(
+    fn: Callable[[], Any], *, warmup: int, repeats: int, min_time: float, max_calls: int = 2000,
+    device: str = "cpu",
+) -> list[float]:
+    """Seconds per call of ``fn``: at least ``repeats`` calls and ``min_time`` seconds in all."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    cuda = device.startswith("cuda")
+    times: list[float] = []
+    gc.collect()
+    gc.disable()  # a collection inside a timed call would be charged to that contender
+    try:
+        total, t_start = 0.0, time.perf_counter()
+        while len(times) < repeats or (total < min_time and len(times) < max_calls):
+            if cuda:  # events time the GPU work, not the launch
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            total = time.perf_counter() - t_start
+    finally:
+        gc.enable()
+    return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median and spread (quartiles, min, max) in milliseconds."""
+    ms = sorted(t * 1e3 for t in times)
+    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
+    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": ms[0], "max_ms": ms[-1], "calls": len(ms)}
+
+
+_probe_cache: dict[tuple[int, str], dict[str, float]] = {}
+
+
+def bandwidth(size_bytes: int, device: str, timing: Timing) -> dict[str, float]:
+    """GB/s of each access pattern on a float32 tensor of ``size_bytes``, measured now.
+
+    read: best of a few reductions (nothing written); copy: ``out.copy_(x)`` into a preallocated
+    buffer; inplace: ``x.mul_(1.0)``. Cached per size and device within one process.
+    """
+    key = (size_bytes, device)
+    if key not in _probe_cache:
+        n = max(size_bytes // 4, 1)
+        x = torch.rand(n, device=device)
+        out = torch.empty_like(x)
+        t = partial(_median_s, device=device, timing=timing)
+        read = min(t(x.sum), t(x.amax), t(partial(torch.dot, x, x)))
+        _probe_cache[key] = {
+            "read": n * 4 / read / 1e9,
+            "copy": 2 * n * 4 / t(partial(out.copy_, x)) / 1e9,
+            "inplace": 2 * n * 4 / t(partial(x.mul_, 1.0)) / 1e9,
+        }
+    return _probe_cache[key]
+
+
+def _median_s(fn: Callable[[], Any], *, device: str, timing: Timing) -> float:
+    return statistics.median(time_fn(fn, device=device, **vars(timing)))
+
+
+def with_compile(fns: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """Add the torch.compile contender: inductor on the same torch code as "torch eager".
+
+    ``dynamic=False``: every case is its own static-shape graph, as a training step would be.
+    Compilation is lazy, so it happens (and is timed as compile_s) on the first call.
+    """
+    return {**fns, COMPILE: torch.compile(fns[EAGER], dynamic=False)}
+
+
+def forward_backward(fn: Callable[..., Any], args: Iterable[Any], grad: torch.Tensor,
+                     leaves: Iterable[torch.Tensor]) -> Callable[[], None]:
+    """Zero-argument callable: ``fn(*args).backward(grad)``.
+
+    The leaves' .grad are reset to None first, so backward writes fresh gradients instead of
+    accumulating into old ones (which would add a read and a write per element).
+    """
+    args, leaves = tuple(args), tuple(leaves)
+
+    def call() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(*args).backward(grad)
+    return call
+
+
+def run_case(case: Case, timing: Timing, alloc: str, family: str,
+             compile: bool = True) -> list[dict[str, Any]]:
+    """Probe bandwidth, time every contender of ``case``; one record per contender."""
+    if compile:
+        torch._dynamo.reset()  # fresh compile cache per case: no recompile limit, no dynamic shapes
+    base = {"family": family, "case": case.name, "alloc": alloc, **case.params,
+            "min_bytes": case.min_bytes, "pattern": case.pattern}
+    try:
+        bw = bandwidth(case.size_bytes, case.device, timing)[case.pattern]
+        contenders = case.setup()
+    except Exception as e:  # the library may be mid-build: report it, keep going
+        return [{**base, "contender": DLK, "error": f"setup: {type(e).__name__}: {e}"}]
+    if not compile:
+        contenders.pop(COMPILE, None)
+    records = []
+    for name, fn in contenders.items():
+        rec: dict[str, Any] = {**base, "contender": name, "pattern_gbps": bw}
+        try:
+            t0 = time.perf_counter()
+            fn()  # first call: compilation for torch.compile, lazy init for the others
+            _sync(case.device)
+            rec["first_call_s"] = time.perf_counter() - t0
+            rec.update(summarize(time_fn(fn, device=case.device, **vars(timing))))
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+            records.append(rec)
+            continue
+        sec = rec["median_ms"] / 1e3
+        rec["gbps"] = case.min_bytes / sec / 1e9
+        rec["roofline"] = case.min_bytes / (bw * 1e9) / sec
+        records.append(rec)
+    del contenders
+    gc.collect()
+    medians = {r["contender"]: r["median_ms"] for r in records if "median_ms" in r}
+    for r in records:
+        for key, peer in PEERS.items():
+            if peer in medians and "median_ms" in r:
+                r[f"speedup_vs_{key}"] = medians[peer] / r["median_ms"]
+    return records
+
+
+# ---------------------------------------------------------------------------------- machine
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode != 0:
+            return "unknown (no commit)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """Machine, software versions and the dlkernels build that ran, for the results file."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "libc": " ".join(platform.libc_ver()),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "git_revision": _git_revision(), "device": device,
+        "dlk_backend_env": os.environ.get("DLK_BACKEND"),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:  # guarded: the package may be mid-build
+        import dlkernels
+        info["dlkernels_backend"] = dlkernels._backend.select(torch.device(device))
+    except Exception as e:
+        info["dlkernels_backend"] = f"unknown ({type(e).__name__}: {e})"
+    try:
+        from dlkernels import _C
+        info["dlkernels_simd"] = _C.cpu.simd_path()
+    except Exception:
+        info["dlkernels_simd"] = None
+    return info
+
+
+# ---------------------------------------------------------------------------------- output
+
+CSV_FIRST = ["family", "case", "alloc", "contender", "median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms",
+             "max_ms", "calls", "gbps", "pattern", "pattern_gbps", "roofline", "speedup_vs_eager",
+             "speedup_vs_compile", "first_call_s", "min_bytes"]
+
+
+def write_results(family: str, merged: dict[str, Any], out_dir: Path = RESULTS) -> list[Path]:
+    """Write <family>.json, .csv and .png; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{family}.{ext}" for ext in ("json", "csv", "png")]
+    paths[0].write_text(json.dumps(merged, indent=1, default=str))
+    records = merged["records"]
+    keys = CSV_FIRST + sorted({k for r in records for k in r} - set(CSV_FIRST))
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(records)
+    plot(family, records, paths[2])
+    return paths
+
+
+def plot(family: str, records: list[dict[str, Any]], path: Path) -> None:
+    """Grouped horizontal bars: dlkernels' speedup vs each peer per case, a panel per allocator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    allocs = [a for a in ALLOC_SETTINGS if any(r["alloc"] == a for r in records)]
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    fig, axes = plt.subplots(1, len(allocs), figsize=(6.5 * len(allocs), 0.45 * len(cases) + 1.8),
+                             sharey=True, squeeze=False)
+    height = 0.8 / len(PEERS)
+    for ax, alloc in zip(axes[0], allocs, strict=True):
+        dlk = {r["case"]: r for r in records if r["alloc"] == alloc and r["contender"] == DLK}
+        for i, (key, peer) in enumerate(PEERS.items()):
+            vals = [dlk.get(c, {}).get(f"speedup_vs_{key}", 0.0) for c in cases]
+            ys = [j + (i - (len(PEERS) - 1) / 2) * height for j in range(len(cases))]
+            ax.barh(ys, vals, height=height, label=f"vs {peer}")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(cases)), cases, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("speedup of dlkernels (peer time / dlkernels time)")
+        ax.set_title(f"allocator: {ALLOC_LABELS[alloc]}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{family}: dlkernels speedup (median of repeated runs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """A plain-text table of every record, grouped by allocator setting and case."""
+    head = ["alloc", "case", "contender", "median ms", "IQR ms", "GB/s", "roofline", "x eager", "x compile",
+            "compile s"]
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append([r["alloc"], r["case"], r["contender"], "ERROR: " + r["error"][:60]])
+            continue
+        rows.append([r["alloc"], r["case"], r["contender"], _fmt(r["median_ms"], ".3f"),
+                     _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["roofline"], ".0%"),
+                     _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compile"), ".2f"),
+                     _fmt(r["first_call_s"], ".1f") if r["contender"] == COMPILE else ""])
+    widths = [max(len(str(x[i])) for x in [head, *rows] if i < len(x)) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+             for row in [head, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

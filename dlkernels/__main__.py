@@ -1,0 +1,80 @@
+"""`python -m dlkernels`: versions, backends (and why not), CPU SIMD path, and a quick
+self-check of every usable backend against the reference implementation."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Callable
+
+import torch
+
+import dlkernels
+from dlkernels import _backend
+from dlkernels import functional as F
+
+
+def _activation_check(device: torch.device) -> float:
+    """Max abs difference to the reference over leaky ReLU / PReLU forward and backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 11, generator=gen).to(device)
+    w = torch.rand(5, generator=gen).to(device)
+    g = torch.randn(x.shape, generator=gen).to(device)
+
+    def run() -> list[torch.Tensor]:
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y1 = F.leaky_relu(xr, 0.1)
+        y2 = F.prelu(xr.to(memory_format=torch.channels_last), wr)
+        return [y1, y2, *torch.autograd.grad((y1, y2), (xr, wr), (g, g))]
+
+    got = run()
+    with dlkernels.use_backend("reference"):
+        want = run()
+    return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+
+
+# family -> check(device) returning the max error; later families add theirs here.
+SELF_CHECKS: dict[str, Callable[[torch.device], float]] = {"activation": _activation_check}
+TOLERANCE = 1e-5
+
+
+def main() -> int:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"dlkernels {dlkernels.__version__}  torch {torch.__version__} (CUDA build: {torch.version.cuda})"
+          f"  triton {triton_version}  python {platform.python_version()}")
+    if _backend._C is not None:
+        info = _backend._C.build_info
+        print(f"extension: {_backend._C.__file__}\n  CUDA kernels: {info['cuda']}"
+              f" (arch list {info['cuda_arch_list'] or '-'}), OpenMP: {info['openmp']},"
+              f" CPU SIMD path: {_backend._C.cpu.simd_path()}, threads: {torch.get_num_threads()}")
+    print("backends:")
+    status = dlkernels.available_backends()
+    for name in dlkernels.BACKENDS:
+        ok, why = status[name]
+        print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {why}")
+    print("self-check against the reference:")
+    failed = False
+    for name in dlkernels.BACKENDS:
+        if name == "reference" or not status[name][0]:
+            continue
+        device = torch.device("cpu" if name == "cpu" or not torch.cuda.is_available() else "cuda")
+        for family, check in SELF_CHECKS.items():
+            with dlkernels.use_backend(name):
+                try:
+                    err = check(device)
+                    ok = err <= TOLERANCE
+                    detail = f"max abs error {err:.2e}"
+                except Exception as e:  # report every backend, then fail
+                    ok, detail = False, f"{type(e).__name__}: {e}"
+            failed |= not ok
+            print(f"  {name:10s} {family:12s} {'ok' if ok else 'FAILED':7s} {detail} ({device.type})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
