@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel to a cubin, without a GPU.
 
-Run in a process without ``TRITON_INTERPRET=1``: with it, triton refuses to compile.
+Run in a process without ``TRITON_INTERPRET=1``: with it, ``@triton.jit`` makes interpreted
+functions that ``triton.compile`` cannot take (AttributeError: no ``cache_key``).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
     line = next(ln for ln in out.splitlines() if "REG:" in ln)
     return {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line)}
 
@@ -73,8 +75,9 @@ def compile_spec(spec: AotSpec, arch: int) -> dict[str, Any]:
     missing = set(fn.arg_names) - set(sig)
     if missing:
         raise ValueError(f"{spec.name}: no type for arguments {sorted(missing)}")
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-             for k, t in spec.signature.items() if t.endswith(":16")}
+    attrs = {
+        (fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in spec.signature.items() if t.endswith(":16")
+    }
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=spec.constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32))
     cubin = ck.asm["cubin"]

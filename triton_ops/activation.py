@@ -18,8 +18,9 @@ import triton.language as tl
 from ._aot import AotSpec
 
 BLOCK = 1024
-# C * SPLIT programs aimed at by the PReLU backward: several waves on a 132-SM GPU.
-_TARGET_PROGRAMS = 1024
+# C * SPLIT programs aimed at by the PReLU backward: about one full wave of 4-warp programs on
+# a 132-SM GPU (16 resident per SM), each streaming several blocks.
+_TARGET_PROGRAMS = 2048
 # Index math is int32 below this numel (int32 div/mod is much cheaper than int64); the margin
 # keeps the backward's loop counter (stepping up to SPLIT * BLOCK past the end) from overflowing.
 _INT32_LIMIT = 2**31 - 2**22
@@ -74,10 +75,11 @@ def _leaky_relu_bwd_kernel(g_ptr, x_ptr, gi_ptr, n, slope: tl.float64, BLOCK: tl
 
 
 @triton.jit
-def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, n, inner, inner_m, inner_s, C, C_m, C_s,
-                      BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    # Memory is [outer, C, inner]: channel (o // inner) % C. (d, d_m, d_s) are a divisor and
-    # its _divider; a single slope launches with inner = C = 1.
+def _prelu_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, n, inner, inner_m, inner_s, C, C_m, C_s, BLOCK: tl.constexpr, WIDE: tl.constexpr
+):
+    # Memory is [outer, C, inner]: channel (o // inner) % C. inner_m/inner_s and C_m/C_s are
+    # the multipliers and shifts from _divider; a single slope launches with inner = C = 1.
     offs = _offsets(BLOCK, WIDE)
     mask = offs < n
     q, _ = _divmod(offs, inner, inner_m, inner_s, WIDE)
@@ -89,8 +91,9 @@ def _prelu_fwd_kernel(x_ptr, w_ptr, y_ptr, n, inner, inner_m, inner_s, C, C_m, C
 
 
 @triton.jit
-def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, inner_m, inner_s, C,
-                      BLOCK: tl.constexpr, WIDE: tl.constexpr):
+def _prelu_bwd_kernel(
+    g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, inner_m, inner_s, C, BLOCK: tl.constexpr, WIDE: tl.constexpr
+):
     # Memory is [outer, C, inner] and m = outer * inner. Program (c, s) takes blocks s, s + SPLIT,
     # ... of channel c's m positions: it writes grad_input there and one partial sum of the
     # weight gradient to part[c, s]. A fixed order and no atomics: deterministic.
@@ -107,7 +110,7 @@ def _prelu_bwd_kernel(g_ptr, x_ptr, w_ptr, gi_ptr, part_ptr, m, inner, inner_m, 
         p = start + tl.arange(0, BLOCK)
         mask = p < m
         row, col = _divmod(p, inner, inner_m, inner_s, WIDE)
-        o = row * (C * inner) + c * inner + col
+        o = (row * C + c) * inner + col  # int64 throughout when WIDE
         x = tl.load(x_ptr + o, mask=mask, other=0).to(acc_ty)
         g = tl.load(g_ptr + o, mask=mask, other=0).to(acc_ty)
         pos = x > 0
@@ -120,7 +123,7 @@ def _is_dense(t: torch.Tensor) -> bool:
     # Non-overlapping and dense: some permutation of the dims is contiguous (size-1 dims and
     # their strides do not matter). torch has no public Tensor method for this.
     expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
         if stride != expected:
             return False
         expected *= size
@@ -193,8 +196,7 @@ def leaky_relu_backward(grad: torch.Tensor, x: torch.Tensor, negative_slope: flo
     gi = torch.empty_like(xd)
     n = xd.numel()
     with _device(xd):
-        _leaky_relu_bwd_kernel[_grid(n)](gd, xd, gi, n, float(negative_slope), BLOCK=BLOCK,
-                                         WIDE=n > _INT32_LIMIT)
+        _leaky_relu_bwd_kernel[_grid(n)](gd, xd, gi, n, float(negative_slope), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
     return gi
 
 
@@ -207,8 +209,9 @@ def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     c, inner = _channels(xd, weight)
     n = xd.numel()
     with _device(xd):
-        _prelu_fwd_kernel[_grid(n)](xd, weight.contiguous(), y, n, *_divider(inner), *_divider(c), BLOCK=BLOCK,
-                                    WIDE=n > _INT32_LIMIT)
+        _prelu_fwd_kernel[_grid(n)](
+            xd, weight.contiguous(), y, n, *_divider(inner), *_divider(c), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
+        )
     return y
 
 
@@ -227,8 +230,9 @@ def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
     with _device(xd):
-        _prelu_bwd_kernel[(c, split)](gd, xd, weight.contiguous(), gi, part, m, *_divider(inner), c,
-                                      BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
+        _prelu_bwd_kernel[(c, split)](
+            gd, xd, weight.contiguous(), gi, part, m, *_divider(inner), c, BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
+        )
     return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
 
 
@@ -247,8 +251,7 @@ def _spec(kernel, dt: str, variant: str = "") -> AotSpec:
     consts.update({k: v for k, v in _VARIANT_CONSTS.get(variant, {}).items() if k in kernel.arg_names})
     size = {"odd": "i32", "wide": "i64:16"}.get(variant, "i32:16")
     types = {"part_ptr": "*fp64:16" if dt == "fp64" else "*fp32:16", "slope": "fp64", "n": size, "m": size}
-    sig = {a: types.get(a, f"*{dt}:16" if a.endswith("_ptr") else "i32")
-           for a in kernel.arg_names if a not in consts}
+    sig = {a: types.get(a, f"*{dt}:16" if a.endswith("_ptr") else "i32") for a in kernel.arg_names if a not in consts}
     name = kernel.__name__.strip("_").removesuffix("_kernel")
     return AotSpec(f"{name}[{','.join(filter(None, (dt, variant)))}]", kernel, sig, consts)
 
