@@ -38,6 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(FAMILIES)
     if unknown:
         p.error(f"unknown families {sorted(unknown)}; have {FAMILIES}")
+    if args.worker and (args.alloc == "both" or args.worker_out is None):
+        p.error("--worker needs one --alloc setting and --worker-out")
     return args
 
 
@@ -109,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         merged = _run_family(family, args, allocs)
         paths = harness.write_results(family, merged, args.out)
         m = merged["machine"]
-        print(f"\n== {family}: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, dlkernels "
-              f"backend {m['dlkernels_backend']} (SIMD {m['dlkernels_simd']}), git {m['git_revision']}")
+        print(f"\n== {family}: {m['cpu']}, {m['torch_threads']} threads (load {m['loadavg_1min']:.1f}), "
+              f"torch {m['torch']}, dlkernels backend {m['dlkernels_backend']} "
+              f"(SIMD {m['dlkernels_simd']}), git {m['git_revision']}")
         for alloc in allocs:
             print(f"   alloc={alloc}: {harness.ALLOC_LABELS[alloc]}")
         print(harness.table(merged["records"]))

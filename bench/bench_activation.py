@@ -52,8 +52,8 @@ def _case(op: str, bwd: bool, shape: tuple[int, ...], device: str, dtype: torch.
 
     return Case(name=name, setup=setup, min_bytes=(5 if bwd else 2) * numel * esize, pattern="copy",
                 size_bytes=numel * esize, device=device,
-                params={"op": op, "pass": mode, "shape": "x".join(map(str, shape)), "dtype": str(dtype),
-                        "layout": layout})
+                params={"op": op, "pass": mode, "shape": "x".join(map(str, shape)),
+                        "dtype": str(dtype).removeprefix("torch."), "layout": layout})
 
 
 def cases(quick: bool, device: str = "cpu") -> list[Case]:

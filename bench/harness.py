@@ -35,7 +35,7 @@ ALLOC_LABELS = {
 }
 DLK, EAGER, COMPILE = "dlkernels", "torch eager", "torch.compile"
 PEERS = {"eager": EAGER, "compile": COMPILE}  # speedup columns: speedup_vs_<key>
-# Bytes each probe moves per element, as counted for its GB/s.
+# Access patterns probed, and the bytes each moves per byte of the tensor, as counted for its GB/s.
 PATTERNS = {"read": 1, "copy": 2, "inplace": 2}
 
 
@@ -57,16 +57,22 @@ class Case:
     device: str = "cpu"
     params: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"{self.name}: pattern {self.pattern!r} is not one of {list(PATTERNS)}")
+
 
 @dataclass
 class Timing:
+    """How long to measure each contender (see time_fn)."""
+
     warmup: int = 3
     repeats: int = 30
     min_time: float = 0.5  # seconds; keep calling past `repeats` until this much time is measured
     max_calls: int = 2000
 
 
-QUICK = Timing(warmup=1, repeats=5, min_time=0.01, max_calls=20)
+QUICK = Timing(warmup=2, repeats=10, min_time=0.05, max_calls=500)
 
 
 def _sync(device: str) -> None:
@@ -84,7 +90,6 @@ def time_fn(
     _sync(device)
     cuda = device.startswith("cuda")
     times: list[float] = []
-    gc.collect()
     gc.disable()  # a collection inside a timed call would be charged to that contender
     try:
         total, t_start = 0.0, time.perf_counter()
@@ -129,12 +134,9 @@ def bandwidth(size_bytes: int, device: str, timing: Timing) -> dict[str, float]:
         x = torch.rand(n, device=device)
         out = torch.empty_like(x)
         t = partial(_median_s, device=device, timing=timing)
-        read = min(t(x.sum), t(x.amax), t(partial(torch.dot, x, x)))
-        _probe_cache[key] = {
-            "read": n * 4 / read / 1e9,
-            "copy": 2 * n * 4 / t(partial(out.copy_, x)) / 1e9,
-            "inplace": 2 * n * 4 / t(partial(x.mul_, 1.0)) / 1e9,
-        }
+        secs = {"read": min(t(x.sum), t(x.amax), t(partial(torch.dot, x, x))),
+                "copy": t(partial(out.copy_, x)), "inplace": t(partial(x.mul_, 1.0))}
+        _probe_cache[key] = {p: PATTERNS[p] * n * 4 / s / 1e9 for p, s in secs.items()}
     return _probe_cache[key]
 
 
@@ -146,7 +148,7 @@ def with_compile(fns: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., 
     """Add the torch.compile contender: inductor on the same torch code as "torch eager".
 
     ``dynamic=False``: every case is its own static-shape graph, as a training step would be.
-    Compilation is lazy, so it happens (and is timed as compile_s) on the first call.
+    Compilation is lazy: it happens on the first call, which run_case times as first_call_s.
     """
     return {**fns, COMPILE: torch.compile(fns[EAGER], dynamic=False)}
 
@@ -189,7 +191,8 @@ def run_case(case: Case, timing: Timing, alloc: str, family: str,
             fn()  # first call: compilation for torch.compile, lazy init for the others
             _sync(case.device)
             rec["first_call_s"] = time.perf_counter() - t0
-            rec.update(summarize(time_fn(fn, device=case.device, **vars(timing))))
+            times = time_fn(fn, device=case.device, **vars(timing))
+            rec.update(summarize(times), times_ms=[round(t * 1e3, 6) for t in times])
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"
             records.append(rec)
@@ -199,7 +202,7 @@ def run_case(case: Case, timing: Timing, alloc: str, family: str,
         rec["roofline"] = case.min_bytes / (bw * 1e9) / sec
         records.append(rec)
     del contenders
-    gc.collect()
+    gc.collect()  # once per case (a full collection takes ~0.3 s once inductor is loaded)
     medians = {r["contender"]: r["median_ms"] for r in records if "median_ms" in r}
     for r in records:
         for key, peer in PEERS.items():
@@ -241,6 +244,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "git_revision": _git_revision(), "device": device,
+        # other work on the machine skews timings (OpenMP threads then wait for a time slice)
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "dlk_backend_env": os.environ.get("DLK_BACKEND"),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -271,11 +276,12 @@ def write_results(family: str, merged: dict[str, Any], out_dir: Path = RESULTS) 
     paths = [out_dir / f"{family}.{ext}" for ext in ("json", "csv", "png")]
     paths[0].write_text(json.dumps(merged, indent=1, default=str))
     records = merged["records"]
-    keys = CSV_FIRST + sorted({k for r in records for k in r} - set(CSV_FIRST))
-    with paths[1].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+    keys = CSV_FIRST + sorted({k for r in records for k in r} - set(CSV_FIRST) - {"times_ms"})
+    with paths[1].open("w", newline="") as f:  # raw times_ms stay in the JSON only
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
-        w.writerows(records)
+        w.writerows({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in r.items()}
+                    for r in records)
     plot(family, records, paths[2])
     return paths
 
@@ -300,10 +306,10 @@ def plot(family: str, records: list[dict[str, Any]], path: Path) -> None:
             ax.barh(ys, vals, height=height, label=f"vs {peer}")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(cases)), cases, fontsize=8)
-        ax.invert_yaxis()
         ax.set_xlabel("speedup of dlkernels (peer time / dlkernels time)")
         ax.set_title(f"allocator: {ALLOC_LABELS[alloc]}", fontsize=9)
         ax.legend(fontsize=8)
+    axes[0][0].invert_yaxis()  # first case on top; the panels share (and so flip) one y axis
     fig.suptitle(f"{family}: dlkernels speedup (median of repeated runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -321,13 +327,13 @@ def table(records: list[dict[str, Any]]) -> str:
     rows = []
     for r in records:
         if "error" in r:
-            rows.append([r["alloc"], r["case"], r["contender"], "ERROR: " + r["error"][:60]])
+            rows.append([r["alloc"], r["case"], r["contender"], "ERROR: " + r["error"][:100]])
             continue
         rows.append([r["alloc"], r["case"], r["contender"], _fmt(r["median_ms"], ".3f"),
                      _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["roofline"], ".0%"),
                      _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compile"), ".2f"),
                      _fmt(r["first_call_s"], ".1f") if r["contender"] == COMPILE else ""])
-    widths = [max(len(str(x[i])) for x in [head, *rows] if i < len(x)) for i in range(len(head))]
+    widths = [max(len(str(x[i])) for x in [head, *rows] if len(x) == len(head)) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
              for row in [head, *rows]]
     lines.insert(1, "-" * len(lines[0]))

@@ -85,7 +85,7 @@ def reuse_large_allocations(enabled: bool = True) -> None:
     process keeps its peak heap (resident memory does not shrink after a large step);
     ``malloc_trim(0)`` from libc still releases it on demand. Setting any mallopt parameter
     switches off glibc's dynamic mmap threshold for good. Only the main arena is covered
-    fully: threads other than the first use their own arenas, in which blocks above 64 MiB are
+    fully: threads other than the main one use their own arenas, in which blocks above 64 MiB are
     always mmapped; on CPU, autograd runs the backward pass on the calling thread, so a
     training loop in the main thread is covered. (The environment variable
     ``MALLOC_ARENA_MAX=1`` puts all threads on the main arena, at the cost of lock contention.)
@@ -94,8 +94,8 @@ def reuse_large_allocations(enabled: bool = True) -> None:
     allowed again (``M_MMAP_MAX`` back to glibc's 65536), and since the dynamic threshold cannot
     be switched back on, the mmap and trim thresholds are set to the values it converges to in a
     long-running process (32 MiB and 64 MiB); then ``malloc_trim(0)`` returns the free memory
-    the heap kept to the OS. If reuse was never enabled through this module it
-    changes nothing, so glibc's untouched defaults stay in place.
+    the heap kept to the OS. If reuse was never enabled through this module it changes nothing,
+    so glibc's untouched defaults stay in place.
 
     Raises RuntimeError when the C library is not glibc, when another allocator is preloaded in
     front of it, or when mallopt rejects a value.
