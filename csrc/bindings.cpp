@@ -12,16 +12,32 @@
   m.def("prelu_backward", &ns::prelu_backward, py::arg("grad_output"), py::arg("input"), \
         py::arg("weight"));
 
+#define DLK_BIND_BATCH_NORM(m, ns)                                                             \
+  m.def("batch_norm_stats", &ns::batch_norm_stats, py::arg("input"));                          \
+  m.def("batch_norm_act_forward", &ns::batch_norm_act_forward, py::arg("input"), py::arg("mean"), \
+        py::arg("invstd"), py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"),          \
+        py::arg("act"), py::arg("slope"));                                                     \
+  m.def("batch_norm_act_backward_reduce", &ns::batch_norm_act_backward_reduce,                  \
+        py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("invstd"),            \
+        py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("act"),             \
+        py::arg("slope"));                                                                     \
+  m.def("batch_norm_act_backward_elemt", &ns::batch_norm_act_backward_elemt,                    \
+        py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("invstd"),            \
+        py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("sum_dz"),          \
+        py::arg("sum_dz_xhat"), py::arg("count"), py::arg("act"), py::arg("slope"));
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlkernels compiled kernels";
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels (OpenMP + SIMD)");
   DLK_BIND_ACTIVATION(cpu, dlk::cpu)
+  DLK_BIND_BATCH_NORM(cpu, dlk::cpu)
   cpu.def("simd_path", &dlk::cpu::simd_path, "ISA level of the kernel clones chosen for this CPU");
 
   py::dict info;
 #ifdef DLK_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
   DLK_BIND_ACTIVATION(cuda, dlk::cuda)
+  DLK_BIND_BATCH_NORM(cuda, dlk::cuda)
   info["cuda"] = true;
   info["cuda_arch_list"] = DLK_CUDA_ARCH_LIST;
 #else

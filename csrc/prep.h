@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+
+#include <optional>
 
 namespace dlk {
 
@@ -49,6 +52,50 @@ inline void check_prelu_args(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.numel() == 1 || w.numel() == channels,
               "Mismatch of parameter numbers and input channel size. Found parameter numbers = ",
               w.numel(), " and channel size = ", channels, ".");
+}
+
+// Per-channel tensors of batch norm: mean/invstd/sums in the compute type (float64 for
+// float64 input, else float32); weight/bias/slopes in the compute type or the input's dtype.
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_channel_tensor(const at::Tensor& t, const at::Tensor& x, const char* name,
+                                 bool allow_one = false) {
+  const int64_t c = x.size(1);
+  TORCH_CHECK(t.device() == x.device(), "dlkernels batch_norm: ", name, " is on ", t.device(),
+              " but input is on ", x.device());
+  TORCH_CHECK(t.numel() == c || (allow_one && t.numel() == 1), "dlkernels batch_norm: ", name,
+              " must have ", c, " elements (one per channel), got ", t.numel());
+  TORCH_CHECK(t.scalar_type() == acc_type(x) || t.scalar_type() == x.scalar_type(),
+              "dlkernels batch_norm: ", name, " must be ", acc_type(x), " or ", x.scalar_type(),
+              ", got ", t.scalar_type());
+}
+
+// Checks of the batch norm kernels. arguments.
+inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& mean,
+                                  const at::Tensor& invstd, const std::optional<at::Tensor>& w,
+                                  const std::optional<at::Tensor>& b,
+                                  const std::optional<at::Tensor>& prelu_w, int64_t act) {
+  check_float_dtype(x, "input");
+  TORCH_CHECK(x.dim() >= 2, "dlkernels batch_norm: input must have a channel dim 1, got ", x.dim(),
+              "-d input");
+  check_channel_tensor(mean, x, "mean");
+  check_channel_tensor(invstd, x, "invstd");
+  if (w) check_channel_tensor(*w, x, "weight");
+  if (b) check_channel_tensor(*b, x, "bias");
+  TORCH_CHECK(act >= 0 && act <= 3, "dlkernels batch_norm: unknown activation code ", act);
+  TORCH_CHECK(act != 3 || prelu_w.has_value(), "dlkernels batch_norm: prelu needs prelu_weight");
+  if (act == 3) check_channel_tensor(*prelu_w, x, "prelu_weight", /*allow_one=*/true);
+}
+
+// A per-channel tensor (or its default when absent) as a contiguous compute-type [C] tensor.
+inline at::Tensor channel_values(const std::optional<at::Tensor>& t, const at::Tensor& x,
+                                 double fill) {
+  const int64_t c = x.size(1);
+  if (!t) return at::full({c}, fill, x.options().dtype(acc_type(x)));
+  at::Tensor v = t->to(acc_type(x)).contiguous();
+  return v.numel() == c ? v : v.reshape({1}).expand({c}).contiguous();
 }
 
 }  // namespace dlk

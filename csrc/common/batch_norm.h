@@ -1,0 +1,40 @@
+// Per-element batch norm + activation math and the merge of per-chunk moments, shared by the
+// CPU and CUDA kernels. T is the compute type (float, or double for fp64).
+#pragma once
+#include "activation.h"
+#include "macros.h"
+
+namespace dlk {
+
+// Activation codes; the same numbers as dlkernels/reference/batch_norm.py.
+enum Act : int { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActPrelu = 3 };
+
+// `slope` is the leaky slope, or this channel's PReLU slope.
+template <typename T>
+DLK_HD T act_fwd(int act, T z, T slope) {
+  if (act == kActRelu) return z < T(0) ? T(0) : z;  // NaN stays NaN, as torch.relu
+  if (act == kActNone) return z;
+  return leaky_relu_fwd(z, slope);
+}
+
+// dL/dz from dL/dy; z is the recomputed pre-activation. ReLU passes the gradient where
+// relu(z) > 0 or is NaN, as torch's threshold_backward on the result.
+template <typename T>
+DLK_HD T act_bwd(int act, T g, T z, T slope) {
+  if (act == kActRelu) return z <= T(0) ? T(0) : g;
+  if (act == kActNone) return g;
+  return leaky_relu_bwd(g, z, slope);
+}
+
+// Chan et al.'s parallel merge of (count, mean, M2) moments: (n, mean, m2) absorbs (nb, mb, m2b).
+template <typename T>
+DLK_HD void merge_moments(T& n, T& mean, T& m2, T nb, T mb, T m2b) {
+  if (nb == T(0)) return;
+  const T total = n + nb;
+  const T delta = mb - mean;
+  mean += delta * (nb / total);
+  m2 += m2b + delta * delta * (n * nb / total);
+  n = total;
+}
+
+}  // namespace dlk

@@ -1,0 +1,102 @@
+"""Batch normalization fused with an activation, in plain torch: the spec of the batch_norm
+kernels. Channels are dim 1; statistics are over every other dim.
+
+Backend contract (every backend module of the family has these functions, same arguments):
+- ``batch_norm_stats(x) -> (mean, var)``: per-channel mean and biased variance, float32
+  (float64 for float64 x), shape [C].
+- ``batch_norm_act_forward(x, mean, invstd, weight, bias, prelu_weight, act, slope) -> y``:
+  ``y = act((x - mean) * invstd * weight + bias)`` in x's dtype, laid out as empty_like(x).
+- ``batch_norm_act_backward_reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act, slope)
+  -> (sum_dz, sum_dz_xhat, grad_prelu)``: with z the pre-activation (recomputed, never saved) and
+  dz = act'(z) * grad: per-channel sums of dz and dz * xhat (float32/float64), and the PReLU slope
+  gradient (prelu_weight's shape and dtype; an empty tensor unless act is prelu).
+- ``batch_norm_act_backward_elemt(grad, x, mean, invstd, weight, bias, prelu_weight, sum_dz,
+  sum_dz_xhat, count, act, slope) -> grad_input``:
+  ``weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)``; eval mode passes zero
+  sums, which leaves ``dz * weight * invstd``.
+weight/bias may be None (1 and 0); they and mean/invstd/prelu_weight may be float32 for fp16/bf16 x.
+act: ACT_NONE, ACT_RELU, ACT_LEAKY_RELU (slope = negative_slope), ACT_PRELU (prelu_weight: 1 or C
+slopes). Reduced-precision x computes in float32; float64 in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_PRELU = 0, 1, 2, 3
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(t: Tensor | None, x: Tensor, default: float) -> Tensor:
+    """A [C] (or 1-element) tensor shaped to broadcast over x's channel dim, in compute dtype."""
+    if t is None:
+        return torch.tensor(default, dtype=_acc(x), device=x.device)
+    shape = [1] * x.dim()
+    shape[1] = -1
+    return t.to(_acc(x)).reshape(shape) if t.numel() > 1 or x.dim() > 1 else t.to(_acc(x)).reshape(())
+
+
+def _dims(x: Tensor) -> list[int]:
+    return [d for d in range(x.dim()) if d != 1]
+
+
+def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    var, mean = torch.var_mean(x.to(_acc(x)), _dims(x), correction=0)
+    return mean, var
+
+
+def _pre_activation(x, mean, invstd, weight, bias) -> tuple[Tensor, Tensor]:
+    xhat = (x.to(_acc(x)) - _per_channel(mean, x, 0.0)) * _per_channel(invstd, x, 1.0)
+    return xhat, xhat * _per_channel(weight, x, 1.0) + _per_channel(bias, x, 0.0)
+
+
+def _activate(z: Tensor, x: Tensor, prelu_weight, act: int, slope: float) -> Tensor:
+    if act == ACT_RELU:
+        return torch.where(z < 0, torch.zeros_like(z), z)
+    if act == ACT_LEAKY_RELU:
+        return torch.where(z > 0, z, z * slope)
+    if act == ACT_PRELU:
+        return torch.where(z > 0, z, z * _per_channel(prelu_weight, x, 0.25))
+    return z
+
+
+def batch_norm_act_forward(x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float) -> Tensor:
+    _, z = _pre_activation(x, mean, invstd, weight, bias)
+    return _activate(z, x, prelu_weight, act, slope).to(x.dtype)
+
+
+def _act_backward(grad: Tensor, z: Tensor, x: Tensor, prelu_weight, act: int, slope: float) -> Tensor:
+    g = grad.to(_acc(x))
+    if act == ACT_RELU:
+        return torch.where(z <= 0, torch.zeros_like(g), g)
+    if act == ACT_LEAKY_RELU:
+        return torch.where(z > 0, g, g * slope)
+    if act == ACT_PRELU:
+        return torch.where(z > 0, g, g * _per_channel(prelu_weight, x, 0.25))
+    return g
+
+
+def batch_norm_act_backward_reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float):
+    xhat, z = _pre_activation(x, mean, invstd, weight, bias)
+    dz = _act_backward(grad, z, x, prelu_weight, act, slope)
+    sum_dz, sum_dz_xhat = dz.sum(_dims(x)), (dz * xhat).sum(_dims(x))
+    if act == ACT_PRELU:
+        contrib = torch.where(z > 0, torch.zeros_like(z), z * grad.to(_acc(x)))
+        gp = contrib.sum() if prelu_weight.numel() == 1 else contrib.sum(_dims(x))
+        grad_prelu = gp.to(prelu_weight.dtype).reshape(prelu_weight.shape)
+    else:
+        grad_prelu = torch.empty(0, dtype=_acc(x), device=x.device)
+    return sum_dz, sum_dz_xhat, grad_prelu
+
+
+def batch_norm_act_backward_elemt(grad, x, mean, invstd, weight, bias, prelu_weight, sum_dz, sum_dz_xhat,
+                                  count: int, act: int, slope: float) -> Tensor:
+    xhat, z = _pre_activation(x, mean, invstd, weight, bias)
+    dz = _act_backward(grad, z, x, prelu_weight, act, slope)
+    scale = _per_channel(weight, x, 1.0) * _per_channel(invstd, x, 1.0)
+    gx = scale * (dz - _per_channel(sum_dz, x, 0.0) / count - xhat * _per_channel(sum_dz_xhat, x, 0.0) / count)
+    return gx.to(x.dtype)
