@@ -72,7 +72,7 @@ inline void check_channel_tensor(const at::Tensor& t, const at::Tensor& x, const
               ", got ", t.scalar_type());
 }
 
-// Checks of the batch norm kernels. arguments.
+// Checks of the batch norm kernels' arguments (never a crash on bad sizes or dtypes).
 inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& invstd, const std::optional<at::Tensor>& w,
                                   const std::optional<at::Tensor>& b,
