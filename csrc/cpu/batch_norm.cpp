@@ -1,0 +1,521 @@
+// Batch norm fused with an activation on the CPU. Memory is seen as [outer, C, inner]
+// (prep.h): with a long inner extent (NCHW) the loops run row by row with per-channel scalars;
+// with a short one (channels_last, 2-D input) they run over [C, inner] tiles with per-element
+// constant vectors, so both layouts read memory contiguously without a layout copy.
+// Statistics: two passes over an L1-resident block, blocks merged with Chan's formula in double.
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../api.h"
+#include "../common/batch_norm.h"
+#include "../prep.h"
+#include "simd.h"
+
+namespace dlk::cpu {
+namespace {
+
+constexpr int kLanes = 16;      // independent accumulators: vectorizable reductions
+constexpr int64_t kRowMin = 64; // shorter inner extents use the tile path
+
+// ---- SIMD loops (compute type T; ACT is a compile-time activation code) ----
+
+template <typename T>
+DLK_INLINE T lane_sum(const T* acc) {
+  T s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// Mean and M2 of one block, two passes (the block is in L1 for the second).
+template <typename T>
+DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  for (; i < n; ++i) acc[0] += x[i];
+  const T mean = lane_sum(acc) / T(n);
+  T acc2[kLanes] = {};
+  for (i = 0; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc2[j] += (x[i + j] - mean) * (x[i + j] - mean);
+  for (; i < n; ++i) acc2[0] += (x[i] - mean) * (x[i] - mean);
+  out[0] = mean;
+  out[1] = lane_sum(acc2);
+}
+DLK_CLONES void block_moments(const float* x, int64_t n, float* out) { block_moments_body(x, n, out); }
+DLK_CLONES void block_moments(const double* x, int64_t n, double* out) { block_moments_body(x, n, out); }
+
+// Tile path statistics: acc[i] += x[i], then acc[i] += (x[i] - mean[i])^2.
+template <typename T>
+DLK_INLINE void col_sum_body(const T* x, T* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
+}
+DLK_CLONES void col_sum(const float* x, float* acc, int64_t n) { col_sum_body(x, acc, n); }
+DLK_CLONES void col_sum(const double* x, double* acc, int64_t n) { col_sum_body(x, acc, n); }
+template <typename T>
+DLK_INLINE void col_sq_dev_body(const T* x, const T* mean, T* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
+}
+DLK_CLONES void col_sq_dev(const float* x, const float* m, float* acc, int64_t n) { col_sq_dev_body(x, m, acc, n); }
+DLK_CLONES void col_sq_dev(const double* x, const double* m, double* acc, int64_t n) { col_sq_dev_body(x, m, acc, n); }
+
+// Per-channel constants, as scalars (row path) or as pointers to per-element vectors (tile path).
+template <typename T>
+struct RowK {
+  T scale, shift, slope, mean, invstd, k1, ka, kc;
+};
+template <typename T>
+struct VecK {
+  const T *scale, *shift, *slope, *mean, *invstd, *k1, *ka, *kc;
+};
+template <typename T> DLK_INLINE T at_(T v, int64_t) { return v; }
+template <typename T> DLK_INLINE T at_(const T* v, int64_t i) { return v[i]; }
+
+// y = act(x * scale + shift)
+template <int ACT, typename T, typename K>
+DLK_INLINE void fwd_body(const T* x, T* y, int64_t n, const K& k) {
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = act_fwd(ACT, x[i] * at_(k.scale, i) + at_(k.shift, i), at_(k.slope, i));
+}
+
+// Sums of dz, dz * xhat and the PReLU slope gradient over n elements, into out[0..2]
+// (row path: scalars; tile path: per-element accumulators at out[0], out[1], out[2] + i).
+template <int ACT, typename T>
+DLK_INLINE void reduce_row_body(const T* g, const T* x, int64_t n, const RowK<T>& k, T* out) {
+  T a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
+  auto step = [&](int64_t i, int j) {
+    const T z = x[i] * k.scale + k.shift;
+    const T dz = act_bwd(ACT, g[i], z, k.slope);
+    a0[j] += dz;
+    a1[j] += dz * ((x[i] - k.mean) * k.invstd);
+    a2[j] += prelu_weight_grad(g[i], z);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) step(i + j, j);
+  for (; i < n; ++i) step(i, 0);
+  out[0] += lane_sum(a0);
+  out[1] += lane_sum(a1);
+  out[2] += lane_sum(a2);
+}
+
+template <int ACT, typename T>
+DLK_INLINE void reduce_vec_body(const T* g, const T* x, int64_t n, const VecK<T>& k, T* s0, T* s1, T* s2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T z = x[i] * k.scale[i] + k.shift[i];
+    const T dz = act_bwd(ACT, g[i], z, k.slope[i]);
+    s0[i] += dz;
+    s1[i] += dz * ((x[i] - k.mean[i]) * k.invstd[i]);
+    s2[i] += prelu_weight_grad(g[i], z);
+  }
+}
+
+// grad_input = k1 * dz + ka * x + kc  (the batch-statistics terms folded per channel).
+template <int ACT, typename T, typename K>
+DLK_INLINE void elemt_body(const T* g, const T* x, T* gi, int64_t n, const K& k) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T z = x[i] * at_(k.scale, i) + at_(k.shift, i);
+    const T dz = act_bwd(ACT, g[i], z, at_(k.slope, i));
+    gi[i] = at_(k.k1, i) * dz + at_(k.ka, i) * x[i] + at_(k.kc, i);
+  }
+}
+
+// One clone set per (loop, type); the activation is a switch outside the loop. PReLU runs as
+// leaky ReLU with the channel's slope.
+#define DLK_ACT_SWITCH(act, CALL)          \
+  switch (act) {                           \
+    case kActNone: CALL(kActNone); break;  \
+    case kActRelu: CALL(kActRelu); break;  \
+    default: CALL(kActLeakyRelu); break;   \
+  }
+
+
+template <typename T>
+DLK_INLINE void fwd_dispatch(int act, const T* x, T* y, int64_t n, const RowK<T>& k) {
+#define CALL(A) fwd_body<A>(x, y, n, k)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void fwd_row(int act, const float* x, float* y, int64_t n, const RowK<float>& k) { fwd_dispatch(act, x, y, n, k); }
+DLK_CLONES void fwd_row(int act, const double* x, double* y, int64_t n, const RowK<double>& k) { fwd_dispatch(act, x, y, n, k); }
+
+template <typename T>
+DLK_INLINE void fwd_vec_dispatch(int act, const T* x, T* y, int64_t n, const VecK<T>& k) {
+#define CALL(A) fwd_body<A>(x, y, n, k)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void fwd_vec(int act, const float* x, float* y, int64_t n, const VecK<float>& k) { fwd_vec_dispatch(act, x, y, n, k); }
+DLK_CLONES void fwd_vec(int act, const double* x, double* y, int64_t n, const VecK<double>& k) { fwd_vec_dispatch(act, x, y, n, k); }
+
+template <typename T>
+DLK_INLINE void reduce_row_dispatch(int act, const T* g, const T* x, int64_t n, const RowK<T>& k, T* out) {
+#define CALL(A) reduce_row_body<A>(g, x, n, k, out)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void reduce_row(int act, const float* g, const float* x, int64_t n, const RowK<float>& k, float* out) { reduce_row_dispatch(act, g, x, n, k, out); }
+DLK_CLONES void reduce_row(int act, const double* g, const double* x, int64_t n, const RowK<double>& k, double* out) { reduce_row_dispatch(act, g, x, n, k, out); }
+
+template <typename T>
+DLK_INLINE void reduce_vec_dispatch(int act, const T* g, const T* x, int64_t n, const VecK<T>& k, T* s0, T* s1, T* s2) {
+#define CALL(A) reduce_vec_body<A>(g, x, n, k, s0, s1, s2)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void reduce_vec(int act, const float* g, const float* x, int64_t n, const VecK<float>& k, float* s0, float* s1, float* s2) { reduce_vec_dispatch(act, g, x, n, k, s0, s1, s2); }
+DLK_CLONES void reduce_vec(int act, const double* g, const double* x, int64_t n, const VecK<double>& k, double* s0, double* s1, double* s2) { reduce_vec_dispatch(act, g, x, n, k, s0, s1, s2); }
+
+template <typename T, typename K>
+DLK_INLINE void elemt_dispatch(int act, const T* g, const T* x, T* gi, int64_t n, const K& k) {
+#define CALL(A) elemt_body<A>(g, x, gi, n, k)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void elemt_row(int act, const float* g, const float* x, float* gi, int64_t n, const RowK<float>& k) { elemt_dispatch(act, g, x, gi, n, k); }
+DLK_CLONES void elemt_row(int act, const double* g, const double* x, double* gi, int64_t n, const RowK<double>& k) { elemt_dispatch(act, g, x, gi, n, k); }
+DLK_CLONES void elemt_vec(int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k) { elemt_dispatch(act, g, x, gi, n, k); }
+DLK_CLONES void elemt_vec(int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k) { elemt_dispatch(act, g, x, gi, n, k); }
+
+
+// ---- per-channel constants (tiny [C] tensors, computed once per call in double) ----
+
+struct Consts {
+  at::Tensor scale, shift, slope, mean, invstd, k1, ka, kc;  // compute type, [C] or tiled
+};
+
+Consts make_consts(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                   const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+                   const std::optional<at::Tensor>& prelu_w, int64_t act, double slope,
+                   const at::Tensor* sum_dz = nullptr, const at::Tensor* sum_dz_xhat = nullptr,
+                   int64_t count = 1) {
+  const auto dbl = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
+  const at::Tensor m = dbl(mean), is = dbl(invstd);
+  const at::Tensor wv = dbl(channel_values(w, x, 1.0)), bv = dbl(channel_values(b, x, 0.0));
+  Consts k;
+  k.scale = wv * is;
+  k.shift = bv - m * k.scale;
+  k.slope = act == kActPrelu ? channel_values(prelu_w, x, 0.0) : at::full_like(m, act == kActLeakyRelu ? slope : 0.0);
+  k.mean = m;
+  k.invstd = is;
+  if (sum_dz != nullptr) {  // grad_input = k1*dz - k1*sum_dz/count - k1*sum_dz_xhat/count * xhat
+    const at::Tensor k2 = k.scale * dbl(*sum_dz) / double(count);
+    const at::Tensor k3 = k.scale * dbl(*sum_dz_xhat) / double(count);
+    k.k1 = k.scale;
+    k.ka = -k3 * is;
+    k.kc = k3 * m * is - k2;
+  }
+  const auto c = acc_type(x);
+  for (at::Tensor* t : {&k.scale, &k.shift, &k.slope, &k.mean, &k.invstd, &k.k1, &k.ka, &k.kc})
+    if (t->defined()) *t = t->to(c).contiguous();
+  return k;
+}
+
+Consts tiled(const Consts& k, int64_t inner) {
+  Consts t = k;
+  for (at::Tensor* v : {&t.scale, &t.shift, &t.slope, &t.mean, &t.invstd, &t.k1, &t.ka, &t.kc})
+    if (v->defined()) *v = v->repeat_interleave(inner).contiguous();
+  return t;
+}
+
+template <typename C>
+const C* ptr(const at::Tensor& t, int64_t off) {
+  return t.defined() ? t.const_data_ptr<C>() + off : nullptr;
+}
+
+template <typename C>
+std::vector<RowK<C>> row_consts(const Consts& k, int64_t channels) {
+  std::vector<RowK<C>> out(channels);
+  auto val = [&](const at::Tensor& t, int64_t c) { return t.defined() ? t.const_data_ptr<C>()[c] : C(0); };
+  for (int64_t c = 0; c < channels; ++c)
+    out[c] = {val(k.scale, c), val(k.shift, c), val(k.slope, c), val(k.mean, c),
+              val(k.invstd, c), val(k.k1, c), val(k.ka, c), val(k.kc, c)};
+  return out;
+}
+
+template <typename C>
+VecK<C> vec_consts(const Consts& k, int64_t off) {
+  return {ptr<C>(k.scale, off), ptr<C>(k.shift, off), ptr<C>(k.slope, off), ptr<C>(k.mean, off),
+          ptr<C>(k.invstd, off), ptr<C>(k.k1, off), ptr<C>(k.ka, off), ptr<C>(k.kc, off)};
+}
+
+bool row_path(const ChannelView& v) { return v.inner >= kRowMin; }
+
+// Calls body(row_or_outer_index, offset, length) over the layout's units of work, in parallel:
+// rows of `inner` elements (row path) or [C, inner] tiles (tile path).
+template <typename F>
+void for_each_unit(const ChannelView& v, F&& body) {
+  const bool rows = row_path(v);
+  const int64_t len = rows ? v.inner : v.channels * v.inner;
+  const int64_t units = rows ? v.outer * v.channels : v.outer;
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrain / len), [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) body(u, u * len, len);
+  });
+}
+
+// ---- drivers over storage type S (compute type C) ----
+
+template <typename S>
+void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
+  using C = compute_t<S>;
+  const int64_t channels = v.channels;
+  std::vector<double> n(channels, 0.0), mu(channels, 0.0), m2(channels, 0.0);
+  if (row_path(v)) {
+    const int64_t rows = v.outer * channels;
+    std::vector<double> rmu(rows), rm2(rows);
+    for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
+      C buf[kBlock], mom[2];
+      double cn = 0, cm = 0, cm2 = 0;
+      for (int64_t i = 0; i < len; i += kBlock) {
+        const int64_t m = std::min(kBlock, len - i);
+        block_moments(load(x + off + i, buf, m), m, mom);
+        merge_moments<double>(cn, cm, cm2, double(m), mom[0], mom[1]);
+      }
+      rmu[r] = cm;
+      rm2[r] = cm2;
+    });
+    for (int64_t r = 0; r < rows; ++r)
+      merge_moments<double>(n[r % channels], mu[r % channels], m2[r % channels], double(v.inner), rmu[r], rm2[r]);
+  } else {
+    // Pieces of whole tiles: per-element (mean, M2) over the piece's rows, in two passes
+    // (the piece fits in L2), then merged per channel in a fixed order.
+    const int64_t tile = channels * v.inner;
+    const int64_t per_piece = std::max<int64_t>(1, kGrain / tile);
+    const int64_t pieces = (v.outer + per_piece - 1) / per_piece;
+    std::vector<C> pmu(pieces * tile, C(0)), pm2(pieces * tile, C(0));
+    at::parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
+      C buf[kBlock];
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t o0 = p * per_piece, o1 = std::min(v.outer, o0 + per_piece);
+        C* mu_p = pmu.data() + p * tile;
+        C* m2_p = pm2.data() + p * tile;
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t j = 0; j < tile; j += kBlock) {
+            const int64_t m = std::min(kBlock, tile - j);
+            col_sum(load(x + o * tile + j, buf, m), mu_p + j, m);
+          }
+        for (int64_t t = 0; t < tile; ++t) mu_p[t] /= C(o1 - o0);
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t j = 0; j < tile; j += kBlock) {
+            const int64_t m = std::min(kBlock, tile - j);
+            col_sq_dev(load(x + o * tile + j, buf, m), mu_p + j, m2_p + j, m);
+          }
+      }
+    });
+    for (int64_t p = 0; p < pieces; ++p) {
+      const double cnt = double(std::min(v.outer, (p + 1) * per_piece) - p * per_piece);
+      for (int64_t t = 0; t < tile; ++t) {
+        const int64_t c = t / v.inner;
+        merge_moments<double>(n[c], mu[c], m2[c], cnt, pmu[p * tile + t], pm2[p * tile + t]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    mean[c] = mu[c];
+    var[c] = n[c] > 0 ? m2[c] / n[c] : std::nan("");
+  }
+}
+
+template <typename S>
+void forward_impl(const S* x, S* y, int64_t act, const Consts& k, const ChannelView& v) {
+  using C = compute_t<S>;
+  if (row_path(v)) {
+    const auto rk = row_consts<C>(k, v.channels);
+    for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
+      C xb[kBlock], yb[kBlock];
+      for (int64_t i = 0; i < len; i += kBlock) {
+        const int64_t m = std::min(kBlock, len - i);
+        fwd_row(act, load(x + off + i, xb, m), out_ptr(y + off + i, yb), m, rk[r % v.channels]);
+        store(yb, y + off + i, m);
+      }
+    });
+  } else {
+    const Consts kt = tiled(k, v.inner);
+    for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
+      C xb[kBlock], yb[kBlock];
+      for (int64_t j = 0; j < len; j += kBlock) {
+        const int64_t m = std::min(kBlock, len - j);
+        fwd_vec(act, load(x + off + j, xb, m), out_ptr(y + off + j, yb), m, vec_consts<C>(kt, j));
+        store(yb, y + off + j, m);
+      }
+    });
+  }
+}
+
+// Fills sums[3][C] (double): sum dz, sum dz*xhat, PReLU slope gradient per channel.
+template <typename S>
+void reduce_impl(const S* g, const S* x, int64_t act, const Consts& k, const ChannelView& v, double* sums) {
+  using C = compute_t<S>;
+  const int64_t channels = v.channels;
+  std::fill_n(sums, 3 * channels, 0.0);
+  if (row_path(v)) {
+    const auto rk = row_consts<C>(k, channels);
+    const int64_t rows = v.outer * channels;
+    std::vector<double> part(3 * rows);
+    for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
+      C gb[kBlock], xb[kBlock];
+      double acc[3] = {0, 0, 0};
+      for (int64_t i = 0; i < len; i += kBlock) {
+        const int64_t m = std::min(kBlock, len - i);
+        C out[3] = {0, 0, 0};
+        reduce_row(act, load(g + off + i, gb, m), load(x + off + i, xb, m), m, rk[r % channels], out);
+        for (int q = 0; q < 3; ++q) acc[q] += out[q];
+      }
+      for (int q = 0; q < 3; ++q) part[3 * r + q] = acc[q];
+    });
+    for (int64_t r = 0; r < rows; ++r)
+      for (int q = 0; q < 3; ++q) sums[q * channels + r % channels] += part[3 * r + q];
+  } else {
+    const Consts kt = tiled(k, v.inner);
+    const int64_t tile = channels * v.inner;
+    const int64_t per_piece = std::max<int64_t>(1, kGrain / tile);
+    const int64_t pieces = (v.outer + per_piece - 1) / per_piece;
+    std::vector<C> acc(3 * pieces * tile, C(0));
+    at::parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
+      C gb[kBlock], xb[kBlock];
+      for (int64_t p = b; p < e; ++p) {
+        C* a = acc.data() + 3 * p * tile;
+        for (int64_t o = p * per_piece; o < std::min(v.outer, (p + 1) * per_piece); ++o)
+          for (int64_t j = 0; j < tile; j += kBlock) {
+            const int64_t m = std::min(kBlock, tile - j), off = o * tile + j;
+            reduce_vec(act, load(g + off, gb, m), load(x + off, xb, m), m, vec_consts<C>(kt, j), a + j,
+                       a + tile + j, a + 2 * tile + j);
+          }
+      }
+    });
+    for (int64_t p = 0; p < pieces; ++p)
+      for (int q = 0; q < 3; ++q)
+        for (int64_t t = 0; t < tile; ++t) sums[q * channels + t / v.inner] += acc[(3 * p + q) * tile + t];
+  }
+}
+
+template <typename S>
+void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Consts& k, const ChannelView& v) {
+  using C = compute_t<S>;
+  if (row_path(v)) {
+    const auto rk = row_consts<C>(k, v.channels);
+    for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
+      C gb[kBlock], xb[kBlock], ob[kBlock];
+      for (int64_t i = 0; i < len; i += kBlock) {
+        const int64_t m = std::min(kBlock, len - i);
+        elemt_row(act, load(g + off + i, gb, m), load(x + off + i, xb, m), out_ptr(gi + off + i, ob), m,
+                  rk[r % v.channels]);
+        store(ob, gi + off + i, m);
+      }
+    });
+  } else {
+    const Consts kt = tiled(k, v.inner);
+    for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
+      C gb[kBlock], xb[kBlock], ob[kBlock];
+      for (int64_t j = 0; j < len; j += kBlock) {
+        const int64_t m = std::min(kBlock, len - j);
+        elemt_vec(act, load(g + off + j, gb, m), load(x + off + j, xb, m), out_ptr(gi + off + j, ob), m,
+                  vec_consts<C>(kt, j));
+        store(ob, gi + off + j, m);
+      }
+    });
+  }
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "dlkernels cpu backend: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& x) {
+  check_cpu(grad, "grad_output");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "dlkernels batch_norm backward: grad_output must match input in shape and dtype");
+}
+
+#define DLK_DISPATCH_BN(x, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
+  check_cpu(x, "input");
+  check_float_dtype(x, "input");
+  TORCH_CHECK(x.dim() >= 2, "dlkernels batch_norm: input must have a channel dim 1, got ", x.dim(), "-d input");
+  const at::Tensor xd = dense(x);
+  const ChannelView v = channel_view(xd, xd.size(1));
+  at::Tensor mean = at::empty({xd.size(1)}, xd.options().dtype(at::kDouble));
+  at::Tensor var = at::empty({xd.size(1)}, xd.options().dtype(at::kDouble));
+  DLK_DISPATCH_BN(x, "batch_norm_stats", [&] {
+    stats_impl(xd.const_data_ptr<scalar_t>(), v, mean.mutable_data_ptr<double>(), var.mutable_data_ptr<double>());
+  });
+  return {mean.to(acc_type(x)), var.to(acc_type(x))};
+}
+
+at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                                  const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+                                  const std::optional<at::Tensor>& prelu_w, int64_t act, double slope) {
+  check_cpu(x, "input");
+  check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
+  const at::Tensor xd = dense(x);
+  at::Tensor y = at::empty_like(xd);
+  const Consts k = make_consts(xd, mean, invstd, w, b, prelu_w, act, slope);
+  DLK_DISPATCH_BN(x, "batch_norm_act_forward", [&] {
+    forward_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, k, channel_view(xd, xd.size(1)));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
+    int64_t act, double slope) {
+  check_cpu(x, "input");
+  check_grad(grad, x);
+  check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
+  const at::Tensor xd = dense(x);
+  const at::Tensor gd = same_layout(grad, xd);
+  const int64_t channels = xd.size(1);
+  const Consts k = make_consts(xd, mean, invstd, w, b, prelu_w, act, slope);
+  at::Tensor sums = at::empty({3, channels}, xd.options().dtype(at::kDouble));
+  DLK_DISPATCH_BN(x, "batch_norm_act_backward_reduce", [&] {
+    reduce_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), act, k, channel_view(xd, channels),
+                sums.mutable_data_ptr<double>());
+  });
+  at::Tensor grad_prelu;
+  if (act == kActPrelu) {
+    const at::Tensor per_channel = sums[2];
+    grad_prelu = (prelu_w->numel() == 1 ? per_channel.sum() : per_channel)
+                     .to(prelu_w->scalar_type())
+                     .reshape(prelu_w->sizes());
+  } else {
+    grad_prelu = at::empty({0}, xd.options().dtype(acc_type(x)));
+  }
+  // Copies: rows of one buffer would alias each other, which custom ops forbid.
+  return {sums[0].to(acc_type(x), false, true), sums[1].to(acc_type(x), false, true), grad_prelu};
+}
+
+at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const std::optional<at::Tensor>& w,
+                                         const std::optional<at::Tensor>& b,
+                                         const std::optional<at::Tensor>& prelu_w, const at::Tensor& sum_dz,
+                                         const at::Tensor& sum_dz_xhat, int64_t count, int64_t act, double slope) {
+  check_cpu(x, "input");
+  check_grad(grad, x);
+  check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
+  check_channel_tensor(sum_dz, x, "sum_dz");
+  check_channel_tensor(sum_dz_xhat, x, "sum_dz_xhat");
+  TORCH_CHECK(count > 0, "dlkernels batch_norm backward: count must be positive, got ", count);
+  const at::Tensor xd = dense(x);
+  const at::Tensor gd = same_layout(grad, xd);
+  at::Tensor gi = at::empty_like(xd);
+  const Consts k = make_consts(xd, mean, invstd, w, b, prelu_w, act, slope, &sum_dz, &sum_dz_xhat, count);
+  DLK_DISPATCH_BN(x, "batch_norm_act_backward_elemt", [&] {
+    elemt_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act, k,
+               channel_view(xd, xd.size(1)));
+  });
+  return gi;
+}
+
+}  // namespace dlk::cpu

@@ -1,0 +1,204 @@
+"""Batch norm modules: drop-ins for torch's BatchNorm1d/2d/3d and SyncBatchNorm, and the fused
+BatchNormAct1d/2d/3d (batch norm + ReLU / leaky ReLU / PReLU in one pass).
+
+They subclass torch's modules, so constructor, buffers, state_dict keys (a torch checkpoint loads
+unchanged, and back), repr and input-rank checks are torch's; ``forward`` runs dlkernels' kernels.
+Differences from torch, on purpose: ``momentum=None`` uses a tensor factor (no graph break), and
+SyncBatchNorm also runs on CPU tensors (gloo).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dlkernels.ops import batch_norm as _ops
+
+
+class _FusedForward:
+    """torch's _BatchNorm.forward, calling the fused op; subclasses set the activation."""
+
+    activation: str | None = None
+    negative_slope: float = 0.01
+    prelu_weight: torch.nn.Parameter | None = None
+    sync: bool = False
+    process_group = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average, as a tensor: no host sync
+                factor = 1.0 / self.num_batches_tracked
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        if bn_training and self._sync_world() > 1:
+            return _sync_batch_norm_act(self, input, running_mean, running_var, factor)
+        return _ops.batch_norm_act(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                                   self.eps, self.activation, self.negative_slope, self.prelu_weight)
+
+    def _sync_world(self) -> int:
+        if not self.sync or not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self.process_group or dist.group.WORLD)
+
+
+class BatchNorm1d(_FusedForward, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d (2-D or 3-D input) on dlkernels kernels."""
+
+
+class BatchNorm2d(_FusedForward, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d (4-D input; NCHW or channels_last, no layout copy)."""
+
+
+class BatchNorm3d(_FusedForward, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d (5-D input)."""
+
+
+class SyncBatchNorm(_FusedForward, torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm: statistics over all ranks of ``process_group`` (default: world),
+    which may hold different batch sizes. Also runs on CPU tensors (gloo). Without an initialized
+    process group it behaves as BatchNorm."""
+
+    sync = True
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         bias=bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every BatchNorm*D (torch's or ours) by a SyncBatchNorm with the same state;
+        fused BatchNormAct modules keep their activation and get ``sync=True``."""
+        if isinstance(module, _BatchNormAct):
+            module.sync, module.process_group = True, process_group
+            out = module
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group, bias=getattr(module, "bias", None) is not None or not module.affine)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        else:
+            out = module
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
+
+
+class _BatchNormAct(_FusedForward, torch.nn.modules.batchnorm._BatchNorm):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: str | None = "leaky_relu",
+                 negative_slope: float = 0.01, prelu_parameters: int = 1, prelu_init: float = 0.25,
+                 dropout: float = 0.0, sync: bool = False, process_group=None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if activation not in _ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(_ops.ACTIVATIONS)}, got {activation!r}")
+        if dropout != 0.0:
+            raise NotImplementedError("BatchNormAct dropout arrives with dlkernels' dropout kernels; use dropout=0.0")
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.dropout, self.sync, self.process_group = dropout, sync, process_group
+        if activation == "prelu":
+            if prelu_parameters not in (1, num_features):
+                raise ValueError(f"prelu_parameters must be 1 or num_features={num_features}, got {prelu_parameters}")
+            self.prelu_weight = torch.nn.Parameter(
+                torch.full((prelu_parameters,), float(prelu_init), device=device, dtype=dtype))
+        else:
+            self.register_parameter("prelu_weight", None)
+
+    def extra_repr(self) -> str:
+        act = f"activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            act += f", negative_slope={self.negative_slope}"
+        if self.activation == "prelu":
+            act += f", prelu_parameters={self.prelu_weight.numel()}"
+        return f"{super().extra_repr()}, {act}" + (", sync=True" if self.sync else "")
+
+
+class BatchNormAct1d(_BatchNormAct):
+    """BatchNorm1d + activation, fused. activation: None, "relu", "leaky_relu", "prelu"."""
+
+    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
+
+
+class BatchNormAct2d(_BatchNormAct):
+    """BatchNorm2d + activation, fused (NCHW or channels_last)."""
+
+    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
+
+
+class BatchNormAct3d(_BatchNormAct):
+    """BatchNorm3d + activation, fused."""
+
+    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+
+
+# ---- synchronized statistics ----
+
+def _sync_batch_norm_act(m: _FusedForward, input: Tensor, running_mean, running_var, factor) -> Tensor:
+    _ops._check(input, running_mean, running_var, m.weight, m.bias, True, m.eps, m.activation, m.prelu_weight)
+    act = _ops.ACTIVATIONS[m.activation]
+    prelu = m.prelu_weight if act == _ops.ACT_PRELU else None
+    group = m.process_group or dist.group.WORLD
+    return _SyncBatchNormAct.apply(input, m.weight, m.bias, prelu, running_mean, running_var, m.eps, factor, act,
+                                   float(m.negative_slope), group)
+
+
+class _SyncBatchNormAct(torch.autograd.Function):
+    """Local moments -> all_gather -> merged global moments -> fused forward; the backward
+    all-reduces the two per-channel sums. Weight/bias/slope gradients stay local, as torch's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, prelu, running_mean, running_var, eps, factor, act, slope, group):
+        k = lambda name: _ops.kernels(name, x)  # noqa: E731
+        mean, var = k("batch_norm_stats")(x)
+        count = torch.full_like(mean, x.numel() // x.shape[1])
+        mine = torch.stack([count, torch.nan_to_num(mean), var * count])  # n, mean, M2
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        n_i, mean_i, m2_i = torch.stack(gathered).unbind(1)
+        n = n_i.sum(0)
+        g_mean = (n_i * mean_i).sum(0) / n
+        g_var = (m2_i + n_i * (mean_i - g_mean) ** 2).sum(0) / n
+        invstd = torch.rsqrt(g_var + eps)
+        total = int(n[0].item())
+        if total <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        if running_mean is not None:
+            _ops.update_running_stats(running_mean, running_var, g_mean, g_var, total, factor)
+        y = k("batch_norm_act_forward")(x, g_mean, invstd, weight, bias, prelu, act, slope)
+        ctx.save_for_backward(x, weight, bias, prelu, g_mean, invstd)
+        ctx.act, ctx.slope, ctx.group, ctx.total = act, slope, group, total
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, prelu, mean, invstd = ctx.saved_tensors
+        k = lambda name: _ops.kernels(name, x)  # noqa: E731
+        sum_dz, sum_dz_xhat, grad_prelu = k("batch_norm_act_backward_reduce")(
+            grad, x, mean, invstd, weight, bias, prelu, ctx.act, ctx.slope)
+        both = torch.stack([sum_dz, sum_dz_xhat])
+        dist.all_reduce(both, group=ctx.group)
+        gx = k("batch_norm_act_backward_elemt")(grad, x, mean, invstd, weight, bias, prelu, both[0], both[1],
+                                                ctx.total, ctx.act, ctx.slope)
+        gw = sum_dz_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dz.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gp = grad_prelu if prelu is not None and ctx.needs_input_grad[3] else None
+        return gx, gw, gb, gp, None, None, None, None, None, None, None

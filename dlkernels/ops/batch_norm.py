@@ -1,0 +1,214 @@
+"""Custom ops of the batch_norm family: batch normalization fused with an activation.
+
+- ``batch_norm_act_train(x, w, b, prelu_w, eps, act, slope) -> (y, mean, invstd, var)``: batch
+  statistics (one read of x) and the normalize+activate pass (one read, one write); autograd.
+- ``batch_norm_act_eval(x, running_mean, running_var, w, b, prelu_w, eps, act, slope) -> y``:
+  one pass with scale and shift folded per channel; autograd (frozen-BN fine-tuning).
+- ``batch_norm_act_backward(...) -> (grad_x, grad_w, grad_b, grad_prelu)``: one reduction pass
+  over (grad, x) and one elementwise pass; the pre-activation is recomputed from x and the
+  per-channel statistics, never saved.
+Running statistics are updated by the caller with torch ops on [C]-sized buffers (the momentum
+factor may be a tensor, so ``momentum=None`` does not break ``fullgraph``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dlkernels._backend import impl
+from dlkernels.ops import _checks
+from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU
+
+_FAMILY = "batch_norm"
+ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "prelu": ACT_PRELU}
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _channel_empty(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=_acc(x))
+
+
+def kernels(name: str, x: Tensor):
+    return impl(_FAMILY, name, x.device)
+
+
+# ---- training forward ----
+
+@torch.library.custom_op("dlkernels::batch_norm_act_train", mutates_args=())
+def _train(x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None, eps: float,
+           act: int, slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mean, var = kernels("batch_norm_stats", x)(x)
+    invstd = torch.rsqrt(var + eps)
+    y = kernels("batch_norm_act_forward", x)(x, mean, invstd, weight, bias, prelu_weight, act, slope)
+    return y, mean, invstd, var
+
+
+@_train.register_fake
+def _(x, weight, bias, prelu_weight, eps, act, slope):
+    return torch.empty_like(x), _channel_empty(x), _channel_empty(x), _channel_empty(x)
+
+
+def _train_setup(ctx, inputs, output) -> None:
+    x, weight, bias, prelu_weight, _, act, slope = inputs
+    _, mean, invstd, _ = output
+    ctx.save_for_backward(x, weight, bias, prelu_weight, mean, invstd)
+    ctx.act, ctx.slope, ctx.training = act, slope, True
+
+
+def _backward(ctx, grad: Tensor, *unused: Tensor):
+    x, weight, bias, prelu_weight, mean, invstd = ctx.saved_tensors
+    gx, gw, gb, gp = _backward_op(grad, x, weight, bias, prelu_weight,
+                                  mean, invstd, ctx.act, ctx.slope, ctx.training)
+    need = ctx.needs_input_grad
+    out = [gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, gp if need[3] else None]
+    return (*out, *([None] * (len(need) - 4)))
+
+
+_train.register_autograd(_backward, setup_context=_train_setup)
+
+
+# ---- eval forward ----
+
+@torch.library.custom_op("dlkernels::batch_norm_act_eval", mutates_args=())
+def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+          prelu_weight: Tensor | None, eps: float, act: int, slope: float) -> Tensor:
+    mean, invstd = _eval_stats(x, running_mean, running_var, eps)
+    return kernels("batch_norm_act_forward", x)(x, mean, invstd, weight, bias, prelu_weight, act, slope)
+
+
+def _eval_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return running_mean.to(_acc(x)), torch.rsqrt(running_var.to(_acc(x)) + eps)
+
+
+@_eval.register_fake
+def _(x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope):
+    return torch.empty_like(x)
+
+
+def _eval_setup(ctx, inputs, output) -> None:
+    x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope = inputs
+    mean, invstd = _eval_stats(x, running_mean, running_var, eps)
+    ctx.save_for_backward(x, weight, bias, prelu_weight, mean, invstd)
+    ctx.act, ctx.slope, ctx.training = act, slope, False
+
+
+def _eval_backward(ctx, grad: Tensor):
+    gx, gw, gb, gp = _backward(ctx, grad)[:4]
+    return gx, None, None, gw, gb, gp, None, None, None
+
+
+_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
+
+
+# ---- backward ----
+
+@torch.library.custom_op("dlkernels::batch_norm_act_backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None,
+                 mean: Tensor, invstd: Tensor, act: int, slope: float,
+                 training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    sum_dz, sum_dz_xhat, grad_prelu = kernels("batch_norm_act_backward_reduce", x)(
+        grad, x, mean, invstd, weight, bias, prelu_weight, act, slope)
+    count = x.numel() // x.shape[1]
+    if training:
+        gx = kernels("batch_norm_act_backward_elemt", x)(
+            grad, x, mean, invstd, weight, bias, prelu_weight, sum_dz, sum_dz_xhat, count, act, slope)
+    else:  # eval: statistics are constants, so the mean terms vanish
+        zeros = torch.zeros_like(sum_dz)
+        gx = kernels("batch_norm_act_backward_elemt", x)(
+            grad, x, mean, invstd, weight, bias, prelu_weight, zeros, zeros, max(count, 1), act, slope)
+    gw = sum_dz_xhat.to(weight.dtype) if weight is not None else sum_dz_xhat.new_empty(0)
+    gb = sum_dz.to(bias.dtype) if bias is not None else sum_dz.new_empty(0)
+    return gx, gw, gb, grad_prelu
+
+
+@_backward_op.register_fake
+def _(grad, x, weight, bias, prelu_weight, mean, invstd, act, slope, training):
+    gw = torch.empty_like(weight) if weight is not None else x.new_empty(0, dtype=_acc(x))
+    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=_acc(x))
+    gp = torch.empty_like(prelu_weight) if act == ACT_PRELU else x.new_empty(0, dtype=_acc(x))
+    return torch.empty_like(x), gw, gb, gp
+
+
+# ---- public entry: torch's checks, then the ops, then the running statistics ----
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(input: Tensor, params: list[Tensor | None]) -> None:
+    """torch's CPU rule: parameters share the input's dtype, or are all float32 for fp16/bf16 input."""
+    dtypes = {p.dtype for p in params if p is not None}
+    if not dtypes or dtypes == {input.dtype}:
+        return
+    if input.dtype in _REDUCED and dtypes == {torch.float32}:
+        return
+    if input.dtype == torch.float64 and dtypes == {torch.float32}:
+        raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+    raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+
+
+def _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight) -> None:
+    _checks.tensor_arg("batch_norm", "input", 1, input)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if training:
+        size = input.shape
+        prods = size[0] if input.dim() > 0 else 1
+        for d in size[2:]:
+            prods *= d
+        if prods == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        if eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if input.dim() < 2:
+        raise ValueError(f"dlkernels batch_norm: input needs a channel dimension (dim 1), got {input.dim()}-d input")
+    channels = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    if activation == "prelu":
+        if prelu_weight is None:
+            raise ValueError("activation='prelu' needs prelu_weight")
+        if prelu_weight.numel() not in (1, channels):
+            raise RuntimeError(
+                "Mismatch of parameter numbers and input channel size. Found parameter numbers = "
+                f"{prelu_weight.numel()} and channel size = {channels}.")
+    for t in (running_mean, running_var, weight, bias, prelu_weight):
+        if t is not None:
+            _checks.same_device(t, input)
+    if input.dtype not in _checks.FLOAT_DTYPES:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_checks.scalar_type_name(input.dtype)}'")
+    _check_dtypes(input, [running_mean, running_var, weight, bias])
+
+
+def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                   weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                   momentum: float | Tensor = 0.1, eps: float = 1e-5, activation: str | None = "leaky_relu",
+                   negative_slope: float = 0.01, prelu_weight: Tensor | None = None) -> Tensor:
+    _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight)
+    act = ACTIVATIONS[activation]
+    slope = _checks.number_arg("batch_norm_act", "negative_slope", 10, negative_slope)
+    prelu = prelu_weight if act == ACT_PRELU else None
+    if not training:
+        return _eval(input, running_mean, running_var, weight, bias, prelu, eps, act, slope)
+    y, mean, _, var = _train(input, weight, bias, prelu, eps, act, slope)
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+    return y
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
+                         momentum: float | Tensor) -> None:
+    """torch's update: the running variance takes the unbiased batch variance."""
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.copy_(mean * momentum + running_mean * (1 - momentum))
+        running_var.copy_(unbiased * momentum + running_var * (1 - momentum))

@@ -1,0 +1,397 @@
+"""Batch normalization fused with an activation in Triton: statistics, forward and the two
+backward passes. The contract and the exact math are dlkernels/reference/batch_norm.py.
+
+Layout (as in the activation family): a non-dense ``x`` is first copied into
+``torch.empty_like(x)``, ``grad`` is put in ``x``'s layout, outputs are ``empty_like``; dense
+inputs are never copied. Memory is then [outer, C, inner] with inner = x.stride(1). Every kernel
+runs on a grid (channel blocks, SPLIT): program (cb, s) owns channels cb * BLOCK_C + [0, BLOCK_C)
+and position tiles s, s + SPLIT, ... of the m = outer * inner positions of a channel, so
+per-channel parameters load once per program. NCHW-like input (inner > 1) uses BLOCK_C = 1 and
+runs of positions; channels_last and 2-D input (inner = 1) use [rows, C-block] tiles, each row a
+contiguous stretch of channels, so reductions read memory coalesced in both layouts.
+Reductions write partials [k, C, SPLIT] that torch combines (tiny tensors): a fixed order, no
+atomics, deterministic. Statistics keep per-lane Welford moments, merged with Chan's formula.
+Math runs in float32 for float16/bfloat16/float32 and in float64 for float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AotSpec
+from .activation import _dense, _device, _divider, _divmod, _like
+
+ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_PRELU = 0, 1, 2, 3
+BLOCK = 1024  # elements per tile
+_MAX_BLOCK_C = 64  # channels per channels_last tile: 64 contiguous values of a row
+# (channel blocks) * SPLIT programs aimed at: about one full wave of 4-warp programs on a
+# 132-SM GPU, each streaming several tiles.
+_TARGET_PROGRAMS = 2048
+
+
+@triton.jit
+def _program(BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    cb = tl.program_id(0)
+    s = tl.program_id(1)
+    if WIDE:
+        cb = cb.to(tl.int64)
+        s = s.to(tl.int64)
+    return cb * BLOCK_C + tl.arange(0, BLOCK_C), s, tl.num_programs(1)
+
+
+@triton.jit
+def _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr):
+    # Offsets and mask of the [BLOCK_P, BLOCK_C] tile of positions start + [0, BLOCK_P).
+    p = start + tl.arange(0, BLOCK_P)
+    if CL:  # inner == 1: rows of C contiguous channels
+        offs = p[:, None] * C + cols[None, :]
+    else:
+        row, col = _divmod(p, inner, inner_m, inner_s, WIDE)
+        offs = (row[:, None] * C + cols[None, :]) * inner + col[:, None]
+    return offs, (p < m)[:, None] & (cols < C)[None, :]
+
+
+@triton.jit
+def _cload(ptr, cols, C):
+    # per-channel values as a [1, BLOCK_C] row (0 past the last channel)
+    return tl.load(ptr + cols, mask=cols < C, other=0)[None, :]
+
+
+@triton.jit
+def _slopes(pw_ptr, cols, C, slope, acc_ty: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
+    # the leaky slope (rounded once to the compute type), or the channels' PReLU slopes
+    sl = tl.full([1, BLOCK_C], slope, acc_ty)
+    if ACT == 3:
+        sl = _cload(pw_ptr, cols, C)
+    return sl
+
+
+@triton.jit
+def _act_fwd(z, sl, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch.relu
+    elif ACT >= 2:
+        z = tl.where(z > 0, z, z * sl)
+    return z
+
+
+@triton.jit
+def _act_bwd(g, z, sl, ACT: tl.constexpr):
+    if ACT == 1:
+        g = tl.where(z <= 0, 0.0, g)
+    elif ACT >= 2:
+        g = tl.where(z > 0, g, g * sl)
+    return g
+
+
+@triton.jit
+def _chan(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    # Chan et al.'s merge of (mean, M2, count); n_b / max(n, 1) is 0 when both are empty
+    n = n_a + n_b
+    ratio = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * ratio, m2_a + m2_b + delta * delta * n_a * ratio, n
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, part_ptr, m, C, inner, inner_m, inner_s,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    # part: [3, C, SPLIT] of (count, mean, M2). Each lane keeps Welford moments of its own
+    # positions; a lane active in iteration k has seen exactly k + 1 values (a lane drops out
+    # only past the end, for good), so one scalar reciprocal per iteration replaces a division.
+    cols, s, split = _program(BLOCK_C, WIDE)
+    acc_ty = part_ptr.dtype.element_ty
+    mean = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    m2 = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    cnt = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    k = tl.full([], 1.0, acc_ty)
+    for start in range(s * BLOCK_P, m, split * BLOCK_P):
+        offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(acc_ty)
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta * (1.0 / k)
+        m2 += delta * (x - mean)
+        cnt += mask.to(acc_ty)
+        k += 1.0
+    mean_c, m2_c, n_c = tl.reduce((mean, m2, cnt), 0, _chan)
+    base = cols * split + s
+    plane = C * split
+    cm = cols < C
+    tl.store(part_ptr + base, n_c, mask=cm)
+    tl.store(part_ptr + plane + base, mean_c, mask=cm)
+    tl.store(part_ptr + 2 * plane + base, m2_c, mask=cm)
+
+
+# `slope` is annotated fp64 so float64 inputs see the exact slope (see activation.py).
+@triton.jit
+def _fwd_kernel(
+    x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, m, C, inner, inner_m, inner_s, slope: tl.float64,
+    ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    cols, s, split = _program(BLOCK_C, WIDE)
+    acc_ty = mean_ptr.dtype.element_ty
+    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
+    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
+    sl = _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
+    for start in range(s * BLOCK_P, m, split * BLOCK_P):
+        offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
+        x = tl.load(x_ptr + offs, mask=mask).to(acc_ty)
+        # the reference's order, (x - mean) first: exact for inputs with a large mean
+        z = (x - mean) * invstd * w + b
+        tl.store(y_ptr + offs, _act_fwd(z, sl, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    g_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, part_ptr, m, C, inner, inner_m, inner_s,
+    slope: tl.float64,
+    ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    # part: [3, C, SPLIT] of (sum dz, sum dz * xhat, PReLU slope gradient)
+    cols, s, split = _program(BLOCK_C, WIDE)
+    acc_ty = part_ptr.dtype.element_ty
+    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
+    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
+    sl = _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
+    s_dz = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    s_dzx = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    s_pw = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    for start in range(s * BLOCK_P, m, split * BLOCK_P):
+        offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(acc_ty)
+        g = tl.load(g_ptr + offs, mask=mask, other=0).to(acc_ty)
+        xhat = (x - mean) * invstd
+        z = xhat * w + b
+        dz = _act_bwd(g, z, sl, ACT)
+        # where(mask, ...): masked lanes must add 0 even when invstd is inf
+        s_dz += tl.where(mask, dz, 0.0)
+        s_dzx += tl.where(mask, dz * xhat, 0.0)
+        if ACT == 3:
+            s_pw += tl.where(mask & ~(z > 0), z * g, 0.0)
+    base = cols * split + s
+    plane = C * split
+    cm = cols < C
+    tl.store(part_ptr + base, tl.sum(s_dz, 0), mask=cm)
+    tl.store(part_ptr + plane + base, tl.sum(s_dzx, 0), mask=cm)
+    if ACT == 3:
+        tl.store(part_ptr + 2 * plane + base, tl.sum(s_pw, 0), mask=cm)
+
+
+@triton.jit
+def _bwd_elemt_kernel(
+    g_ptr, x_ptr, gi_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, a_ptr, q_ptr, m, C, inner, inner_m, inner_s,
+    slope: tl.float64,
+    ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    # a = sum_dz / count, q = sum_dz_xhat / count (per channel)
+    cols, s, split = _program(BLOCK_C, WIDE)
+    acc_ty = mean_ptr.dtype.element_ty
+    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
+    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
+    a, q = _cload(a_ptr, cols, C), _cload(q_ptr, cols, C)
+    sl = _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
+    k = w * invstd
+    for start in range(s * BLOCK_P, m, split * BLOCK_P):
+        offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
+        x = tl.load(x_ptr + offs, mask=mask).to(acc_ty)
+        g = tl.load(g_ptr + offs, mask=mask).to(acc_ty)
+        xhat = (x - mean) * invstd
+        dz = _act_bwd(g, xhat * w + b, sl, ACT)
+        tl.store(gi_ptr + offs, (k * (dz - a - xhat * q)).to(gi_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cvec(t: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
+    # a per-channel tensor (or its default) as a contiguous [C] tensor of the compute type;
+    # a single PReLU slope is repeated
+    c = x.shape[1]
+    if t is None:
+        return torch.full((c,), fill, dtype=_acc_dtype(x), device=x.device)
+    return t.to(_acc_dtype(x)).reshape(-1).expand(c).contiguous()
+
+
+def _geometry(xd: torch.Tensor) -> tuple[tuple[int, int], tuple[int, ...], dict]:
+    """(grid, (m, C, inner, inner_m, inner_s), constexprs) of dense xd."""
+    n, c = xd.numel(), xd.shape[1]
+    inner = xd.stride(1) if c > 1 else n  # one channel: any split of memory is [1, 1, n]
+    m = n // c
+    cl = inner == 1
+    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C) if cl else 1
+    block_p = BLOCK // block_c
+    cblocks = triton.cdiv(c, block_c)
+    split = min(triton.cdiv(m, block_p), max(1, _TARGET_PROGRAMS // cblocks))
+    # int64 indexing when an offset, even of a masked lane or the loop counter past the end,
+    # could pass int32
+    wide = n + (block_p + inner) * c + split * block_p >= 2**31
+    consts = {"BLOCK_P": block_p, "BLOCK_C": block_c, "CL": cl, "WIDE": wide}
+    return (cblocks, split), (m, c, *_divider(inner)), consts
+
+
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) mean and biased variance, float32 (float64 for float64 x), shape [C]."""
+    acc, c = _acc_dtype(x), x.shape[1]
+    if x.numel() == 0:
+        nan = torch.full((c,), float("nan"), dtype=acc, device=x.device)
+        return nan, nan.clone()
+    xd = _dense(x)
+    grid, args, consts = _geometry(xd)
+    part = torch.empty((3, c, grid[1]), dtype=acc, device=x.device)
+    with _device(xd):
+        _stats_kernel[grid](xd, part, *args, **consts)
+    # Chan's merge of the SPLIT partials in closed form, in float64 (tiny tensors)
+    n, mu, m2 = part.double().unbind(0)
+    total = n.sum(1)
+    mean = (n * mu).sum(1) / total
+    var = (m2.sum(1) + (n * (mu - mean[:, None]) ** 2).sum(1)) / total
+    return mean.to(acc), var.to(acc)
+
+
+def batch_norm_act_forward(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    act: int,
+    slope: float,
+) -> torch.Tensor:
+    """y = act((x - mean) * invstd * weight + bias), laid out as empty_like(x), in x's dtype."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    xd = _dense(x)
+    y = torch.empty_like(xd)
+    grid, args, consts = _geometry(xd)
+    pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else None
+    mean_v = _cvec(mean, x, 0.0)
+    with _device(xd):
+        _fwd_kernel[grid](
+            xd, y, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0),
+            mean_v if pw is None else pw, *args, float(slope), ACT=int(act), **consts,
+        )  # fmt: skip
+    return y
+
+
+def batch_norm_act_backward_reduce(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    act: int,
+    slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum_dz, sum_dz_xhat, grad_prelu) in one pass; dz = act'(z) * grad with z recomputed.
+    grad_prelu has prelu_weight's shape and dtype, or is an empty float tensor unless act is prelu."""
+    acc, c = _acc_dtype(x), x.shape[1]
+    prelu = act == ACT_PRELU
+    if x.numel() == 0:
+        sums = torch.zeros((3, c), dtype=acc, device=x.device)
+    else:
+        xd = _dense(x)
+        gd = _like(grad, xd)
+        grid, args, consts = _geometry(xd)
+        part = (torch.zeros if prelu else torch.empty)((3, c, grid[1]), dtype=acc, device=x.device)
+        mean_v = _cvec(mean, x, 0.0)
+        pw = _cvec(prelu_weight, x, 0.25) if prelu else mean_v
+        with _device(xd):
+            _bwd_reduce_kernel[grid](
+                gd, xd, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, part,
+                *args, float(slope), ACT=int(act), **consts,
+            )  # fmt: skip
+        sums = part.sum(2)
+    if prelu:
+        gp = sums[2].sum() if prelu_weight.numel() == 1 else sums[2]
+        grad_prelu = gp.to(prelu_weight.dtype).reshape(prelu_weight.shape)
+    else:
+        grad_prelu = torch.empty(0, dtype=acc, device=x.device)
+    return sums[0], sums[1], grad_prelu
+
+
+def batch_norm_act_backward_elemt(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    sum_dz: torch.Tensor,
+    sum_dz_xhat: torch.Tensor,
+    count: int,
+    act: int,
+    slope: float,
+) -> torch.Tensor:
+    """grad_input = weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    xd = _dense(x)
+    gd = _like(grad, xd)
+    gi = torch.empty_like(xd)
+    grid, args, consts = _geometry(xd)
+    mean_v = _cvec(mean, x, 0.0)
+    pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else mean_v
+    a, q = _cvec(sum_dz, x, 0.0) / count, _cvec(sum_dz_xhat, x, 0.0) / count
+    with _device(xd):
+        _bwd_elemt_kernel[grid](
+            gd, xd, gi, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, a, q,
+            *args, float(slope), ACT=int(act), **consts,
+        )  # fmt: skip
+    return gi
+
+
+# The two tile shapes _geometry picks (channels_last shown with 64-channel tiles, where the JIT
+# makes constants of inner = 1 and its multiplier).
+_LAYOUTS = {
+    "nchw": ({"BLOCK_P": BLOCK, "BLOCK_C": 1, "CL": 0}, {}),
+    "cl": ({"BLOCK_P": BLOCK // _MAX_BLOCK_C, "BLOCK_C": _MAX_BLOCK_C, "CL": 1}, {"inner": 1, "inner_m": 1}),
+}
+_DATA_PTRS = ("x_ptr", "y_ptr", "g_ptr", "gi_ptr")
+
+
+def _spec(kernel, dt: str, layout: str, act: int | None = None, wide: bool = False) -> AotSpec:
+    # Types by naming convention: x/y/g/gi pointers are dt, other pointers (per-channel values,
+    # partials) the accumulation type; slope fp64; m divisible by 16 (i64 when wide); ints i32.
+    consts = {**_LAYOUTS[layout][0], "WIDE": int(wide)}
+    consts.update({k: v for k, v in _LAYOUTS[layout][1].items() if k in kernel.arg_names})
+    if "ACT" in kernel.arg_names:
+        consts["ACT"] = act
+    acc = "fp64" if dt == "fp64" else "fp32"
+    types = {"slope": "fp64", "m": "i64:16" if wide else "i32:16"}
+    sig = {
+        a: types.get(a, f"*{dt if a in _DATA_PTRS else acc}:16" if a.endswith("_ptr") else "i32")
+        for a in kernel.arg_names
+        if a not in consts
+    }
+    name = kernel.__name__.strip("_").removesuffix("_kernel")
+    tags = [dt, layout, *([f"act{act}"] if act is not None else []), *(["wide"] if wide else [])]
+    return AotSpec(f"bn_{name}[{','.join(tags)}]", kernel, sig, consts)
+
+
+AOT_SPECS: list[AotSpec] = [
+    *(
+        spec
+        for dt in ("fp32", "bf16")
+        for layout in _LAYOUTS
+        for spec in (
+            _spec(_stats_kernel, dt, layout),
+            _spec(_fwd_kernel, dt, layout, ACT_PRELU),
+            _spec(_bwd_reduce_kernel, dt, layout, ACT_PRELU),
+            _spec(_bwd_elemt_kernel, dt, layout, ACT_PRELU),
+        )
+    ),
+    _spec(_stats_kernel, "fp64", "nchw"),
+    *(_spec(k, "fp64", "nchw", ACT_PRELU) for k in (_fwd_kernel, _bwd_reduce_kernel, _bwd_elemt_kernel)),
+    *(_spec(k, "bf16", "nchw", ACT_RELU) for k in (_fwd_kernel, _bwd_reduce_kernel, _bwd_elemt_kernel)),
+    _spec(_stats_kernel, "fp32", "nchw", wide=True),
+    _spec(_bwd_reduce_kernel, "fp32", "cl", ACT_LEAKY_RELU, wide=True),
+]
