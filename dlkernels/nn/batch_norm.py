@@ -21,7 +21,6 @@ class _FusedForward:
 
     activation: str | None = None
     negative_slope: float = 0.01
-    prelu_weight: torch.nn.Parameter | None = None
     sync: bool = False
     process_group = None
 
@@ -39,7 +38,10 @@ class _FusedForward:
         if bn_training and self._sync_world() > 1:
             return _sync_batch_norm_act(self, input, running_mean, running_var, factor)
         return _ops.batch_norm_act(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                                   self.eps, self.activation, self.negative_slope, self.prelu_weight)
+                                   self.eps, self.activation, self.negative_slope, self._prelu_weight())
+
+    def _prelu_weight(self) -> Tensor | None:
+        return getattr(self, "prelu_weight", None)  # a Parameter on BatchNormAct(activation="prelu")
 
     def _sync_world(self) -> int:
         if not self.sync or not dist.is_available() or not dist.is_initialized():
@@ -153,9 +155,9 @@ class BatchNormAct3d(_BatchNormAct):
 # ---- synchronized statistics ----
 
 def _sync_batch_norm_act(m: _FusedForward, input: Tensor, running_mean, running_var, factor) -> Tensor:
-    _ops._check(input, running_mean, running_var, m.weight, m.bias, True, m.eps, m.activation, m.prelu_weight)
+    _ops._check(input, running_mean, running_var, m.weight, m.bias, True, m.eps, m.activation, m._prelu_weight())
     act = _ops.ACTIVATIONS[m.activation]
-    prelu = m.prelu_weight if act == _ops.ACT_PRELU else None
+    prelu = m._prelu_weight() if act == _ops.ACT_PRELU else None
     group = m.process_group or dist.group.WORLD
     return _SyncBatchNormAct.apply(input, m.weight, m.bias, prelu, running_mean, running_var, m.eps, factor, act,
                                    float(m.negative_slope), group)

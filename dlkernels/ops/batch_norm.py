@@ -59,13 +59,15 @@ def _train_setup(ctx, inputs, output) -> None:
     ctx.act, ctx.slope, ctx.training = act, slope, True
 
 
-def _backward(ctx, grad: Tensor, *unused: Tensor):
+def _input_grads(ctx, grad: Tensor, need: tuple[bool, bool, bool, bool]) -> list[Tensor | None]:
+    """Gradients for (x, weight, bias, prelu_weight), None where not needed."""
     x, weight, bias, prelu_weight, mean, invstd = ctx.saved_tensors
-    gx, gw, gb, gp = _backward_op(grad, x, weight, bias, prelu_weight,
-                                  mean, invstd, ctx.act, ctx.slope, ctx.training)
-    need = ctx.needs_input_grad
-    out = [gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, gp if need[3] else None]
-    return (*out, *([None] * (len(need) - 4)))
+    grads = _backward_op(grad, x, weight, bias, prelu_weight, mean, invstd, ctx.act, ctx.slope, ctx.training)
+    return [g if n else None for g, n in zip(grads, need, strict=True)]
+
+
+def _backward(ctx, grad: Tensor, *unused: Tensor):
+    return (*_input_grads(ctx, grad, ctx.needs_input_grad[:4]), None, None, None)
 
 
 _train.register_autograd(_backward, setup_context=_train_setup)
@@ -81,7 +83,12 @@ def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor |
 
 
 def _eval_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return running_mean.to(_acc(x)), torch.rsqrt(running_var.to(_acc(x)) + eps)
+    return _as(running_mean, _acc(x)), _as(torch.rsqrt(running_var + eps), _acc(x))
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Tensor.to(same dtype) returns its input, which opcheck's schema test rejects inside an op.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @_eval.register_fake
@@ -97,7 +104,8 @@ def _eval_setup(ctx, inputs, output) -> None:
 
 
 def _eval_backward(ctx, grad: Tensor):
-    gx, gw, gb, gp = _backward(ctx, grad)[:4]
+    n = ctx.needs_input_grad
+    gx, gw, gb, gp = _input_grads(ctx, grad, (n[0], n[3], n[4], n[5]))
     return gx, None, None, gw, gb, gp, None, None, None
 
 
@@ -120,8 +128,8 @@ def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | 
         zeros = torch.zeros_like(sum_dz)
         gx = kernels("batch_norm_act_backward_elemt", x)(
             grad, x, mean, invstd, weight, bias, prelu_weight, zeros, zeros, max(count, 1), act, slope)
-    gw = sum_dz_xhat.to(weight.dtype) if weight is not None else sum_dz_xhat.new_empty(0)
-    gb = sum_dz.to(bias.dtype) if bias is not None else sum_dz.new_empty(0)
+    gw = _as(sum_dz_xhat, weight.dtype) if weight is not None else sum_dz_xhat.new_empty(0)
+    gb = _as(sum_dz, bias.dtype) if bias is not None else sum_dz.new_empty(0)
     return gx, gw, gb, grad_prelu
 
 
@@ -170,8 +178,8 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, activa
     if input.dim() < 2:
         raise ValueError(f"dlkernels batch_norm: input needs a channel dimension (dim 1), got {input.dim()}-d input")
     channels = input.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
     if activation == "prelu":
