@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Family modules whose AOT_SPECS are compiled; append new families here.
-FAMILIES = ("activation",)
+FAMILIES = ("activation", "batch_norm")
 
 
 @dataclass(frozen=True)

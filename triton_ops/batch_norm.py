@@ -97,21 +97,23 @@ def _chan(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, part_ptr, m, C, inner, inner_m, inner_s,
+    x_ptr, shift_ptr, part_ptr, m, C, inner, inner_m, inner_s,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    # part: [3, C, SPLIT] of (count, mean, M2). Each lane keeps Welford moments of its own
-    # positions; a lane active in iteration k has seen exactly k + 1 values (a lane drops out
-    # only past the end, for good), so one scalar reciprocal per iteration replaces a division.
+    # part: [3, C, SPLIT] of (count, mean - shift, M2). Each lane keeps Welford moments of its
+    # own positions, shifted by one value of the channel so that a large mean costs no precision;
+    # a lane active in iteration k has seen exactly k + 1 values (a lane drops out only past the
+    # end, for good), so one scalar reciprocal per iteration replaces a division.
     cols, s, split = _program(BLOCK_C, WIDE)
     acc_ty = part_ptr.dtype.element_ty
+    shift = _cload(shift_ptr, cols, C)
     mean = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     m2 = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     cnt = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     k = tl.full([], 1.0, acc_ty)
     for start in range(s * BLOCK_P, m, split * BLOCK_P):
         offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
-        x = tl.load(x_ptr + offs, mask=mask, other=0).to(acc_ty)
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(acc_ty) - shift
         delta = tl.where(mask, x - mean, 0.0)
         mean += delta * (1.0 / k)
         m2 += delta * (x - mean)
@@ -243,14 +245,16 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xd = _dense(x)
     grid, args, consts = _geometry(xd)
     part = torch.empty((3, c, grid[1]), dtype=acc, device=x.device)
+    # the shift: each channel's first value in memory (offset c * inner)
+    shift = xd.as_strided((c,), (args[2],)).to(acc).contiguous()
     with _device(xd):
-        _stats_kernel[grid](xd, part, *args, **consts)
+        _stats_kernel[grid](xd, shift, part, *args, **consts)
     # Chan's merge of the SPLIT partials in closed form, in float64 (tiny tensors)
     n, mu, m2 = part.double().unbind(0)
     total = n.sum(1)
     mean = (n * mu).sum(1) / total
     var = (m2.sum(1) + (n * (mu - mean[:, None]) ** 2).sum(1)) / total
-    return mean.to(acc), var.to(acc)
+    return (mean + shift.double()).to(acc), var.to(acc)
 
 
 def batch_norm_act_forward(

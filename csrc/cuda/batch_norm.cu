@@ -1,0 +1,244 @@
+// CUDA batch norm fused with an activation: statistics, forward, and the two backward passes.
+// The per-element math and the merge of moments are csrc/common/batch_norm.h, shared with the
+// CPU kernels; storage may be fp16/bf16, compute is float (double for fp64). Reductions write
+// one partial per (channel, split) block, combined by the caller: deterministic, no atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "../common/batch_norm.h"
+#include "batch_norm.cuh"
+
+namespace dlk::cuda {
+namespace {
+
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+template <typename T> using compute_t = typename Compute<T>::type;
+
+// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return v;
+  }
+}
+
+constexpr int kThreads = 256;  // bx * by of every block (BnGrid)
+
+// Thread (tx, ty) of block (cb, s) owns channel cb * bx + tx; it visits positions
+// k = s * by + ty, k + split * by, ... < outer * inner of that channel, at memory offset
+// (row * C + c) * inner + col with (row, col) = divmod(k, inner) kept incrementally (no
+// division per element). inner == 1 walks rows of [outer, C], so a warp reads adjacent channels.
+template <typename F>
+__device__ __forceinline__ void for_each_position(int64_t c, const BnShape& s, F&& f) {
+  const int64_t m = s.outer * s.inner;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+  const int64_t dq = stride / s.inner, dr = stride % s.inner;
+  int64_t k = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+  int64_t row = k / s.inner, col = k % s.inner;
+  for (; k < m; k += stride) {
+    f((row * s.channels + c) * s.inner + col);
+    row += dq;
+    col += dr;
+    if (col >= s.inner) {
+      col -= s.inner;
+      ++row;
+    }
+  }
+}
+
+__device__ __forceinline__ int64_t my_channel() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// Slot of partial k of channel c written by this block: partials are [3, C, split].
+__device__ __forceinline__ int64_t partial(int k, int64_t c, int64_t C) {
+  return (k * C + c) * gridDim.y + blockIdx.y;
+}
+
+template <typename A>
+struct Channel {  // one channel's parameters, in registers for the whole walk
+  A mean, invstd, w, b, slope;
+  __device__ Channel(const BnParams& p, int64_t c) {
+    mean = static_cast<const A*>(p.mean)[c];
+    invstd = static_cast<const A*>(p.invstd)[c];
+    w = static_cast<const A*>(p.weight)[c];
+    b = static_cast<const A*>(p.bias)[c];
+    slope = p.act == kActPrelu ? static_cast<const A*>(p.prelu)[c] : A(p.slope);
+  }
+};
+
+// (count, mean, M2) of a channel: per-thread Welford on values shifted by one value of the
+// channel (a large mean costs no precision), then Chan's merge across ty in shared memory.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bn_stats_kernel(const T* __restrict__ x, const compute_t<T>* __restrict__ shift,
+                    compute_t<T>* __restrict__ part, BnShape s) {
+  using A = compute_t<T>;
+  const int64_t c = my_channel();
+  A n = 0, mean = 0, m2 = 0;
+  if (c < s.channels) {
+    const A k0 = shift[c];
+    for_each_position(c, s, [&](int64_t i) {
+      const A v = to_compute(x[i]) - k0;
+      n += A(1);
+      const A d = v - mean;
+      mean += d / n;
+      m2 += d * (v - mean);
+    });
+  }
+  __shared__ A sn[kThreads], smean[kThreads], sm2[kThreads];
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  sn[t] = n;
+  smean[t] = mean;
+  sm2[t] = m2;
+  __syncthreads();
+  for (int half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half) {
+      const int o = t + half * blockDim.x;
+      merge_moments(n, mean, m2, sn[o], smean[o], sm2[o]);
+      sn[t] = n;
+      smean[t] = mean;
+      sm2[t] = m2;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < s.channels) {
+    part[partial(0, c, s.channels)] = n;
+    part[partial(1, c, s.channels)] = mean;
+    part[partial(2, c, s.channels)] = m2;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, BnParams p, BnShape s) {
+  using A = compute_t<T>;
+  const int64_t c = my_channel();
+  if (c >= s.channels) return;
+  const Channel<A> ch(p, c);
+  const int act = p.act;
+  for_each_position(c, s, [&](int64_t i) {
+    const A z = (to_compute(x[i]) - ch.mean) * ch.invstd * ch.w + ch.b;  // the reference's order
+    y[i] = from_compute<T>(act_fwd(act, z, ch.slope));
+  });
+}
+
+// (sum dz, sum dz * xhat, PReLU slope gradient) of a channel, one pass over grad and x.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bn_bwd_reduce_kernel(const T* __restrict__ g, const T* __restrict__ x, BnParams p,
+                         compute_t<T>* __restrict__ part, BnShape s) {
+  using A = compute_t<T>;
+  const int64_t c = my_channel();
+  A sums[3] = {0, 0, 0};
+  if (c < s.channels) {
+    const Channel<A> ch(p, c);
+    const int act = p.act;
+    for_each_position(c, s, [&](int64_t i) {
+      const A gv = to_compute(g[i]);
+      const A xhat = (to_compute(x[i]) - ch.mean) * ch.invstd;
+      const A z = xhat * ch.w + ch.b;
+      const A dz = act_bwd(act, gv, z, ch.slope);
+      sums[0] += dz;
+      sums[1] += dz * xhat;
+      if (act == kActPrelu) sums[2] += prelu_weight_grad(gv, z);
+    });
+  }
+  __shared__ A sm[3][kThreads];
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int k = 0; k < 3; ++k) sm[k][t] = sums[k];
+  __syncthreads();
+  for (int half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half)
+      for (int k = 0; k < 3; ++k) sm[k][t] += sm[k][t + half * blockDim.x];
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < s.channels)
+    for (int k = 0; k < 3; ++k) part[partial(k, c, s.channels)] = sm[k][t];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bn_bwd_elemt_kernel(const T* __restrict__ g, const T* __restrict__ x, BnParams p,
+                        const compute_t<T>* __restrict__ a, const compute_t<T>* __restrict__ q,
+                        T* __restrict__ gi, BnShape s) {
+  using A = compute_t<T>;
+  const int64_t c = my_channel();
+  if (c >= s.channels) return;
+  const Channel<A> ch(p, c);
+  const A ac = a[c], qc = q[c], k = ch.w * ch.invstd;
+  const int act = p.act;
+  for_each_position(c, s, [&](int64_t i) {
+    const A xhat = (to_compute(x[i]) - ch.mean) * ch.invstd;
+    const A dz = act_bwd(act, to_compute(g[i]), xhat * ch.w + ch.b, ch.slope);
+    gi[i] = from_compute<T>(k * (dz - ac - xhat * qc));
+  });
+}
+
+template <typename F>
+void dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::f16: return f(__half{});
+    case DType::bf16: return f(__nv_bfloat16{});
+  }
+}
+
+dim3 grid_of(const BnGrid& g) { return dim3(static_cast<unsigned>(g.cblocks), g.split); }
+dim3 block_of(const BnGrid& g) { return dim3(g.bx, g.by); }
+
+}  // namespace
+
+void launch_bn_stats(DType t, const void* x, const void* shift, void* partials, BnShape s,
+                     BnGrid g, cudaStream_t st) {
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    using A = compute_t<T>;
+    bn_stats_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(
+        static_cast<const T*>(x), static_cast<const A*>(shift), static_cast<A*>(partials), s);
+  });
+}
+
+void launch_bn_fwd(DType t, const void* x, void* y, const BnParams& p, BnShape s, BnGrid g,
+                   cudaStream_t st) {
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    bn_fwd_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(static_cast<const T*>(x),
+                                                         static_cast<T*>(y), p, s);
+  });
+}
+
+void launch_bn_bwd_reduce(DType t, const void* grad, const void* x, const BnParams& p,
+                          void* partials, BnShape s, BnGrid g, cudaStream_t st) {
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    bn_bwd_reduce_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(x), p,
+        static_cast<compute_t<T>*>(partials), s);
+  });
+}
+
+void launch_bn_bwd_elemt(DType t, const void* grad, const void* x, const BnParams& p,
+                         const void* a, const void* q, void* grad_input, BnShape s, BnGrid g,
+                         cudaStream_t st) {
+  dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    using A = compute_t<T>;
+    bn_bwd_elemt_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(
+        static_cast<const T*>(grad), static_cast<const T*>(x), p, static_cast<const A*>(a),
+        static_cast<const A*>(q), static_cast<T*>(grad_input), s);
+  });
+}
+
+}  // namespace dlk::cuda
