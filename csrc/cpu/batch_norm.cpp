@@ -75,57 +75,83 @@ template <typename T>
 struct VecK {
   const T *scale, *shift, *slope, *mean, *invstd, *k1, *ka, *kc;
 };
-template <typename T> DLK_INLINE T at_(T v, int64_t) { return v; }
-template <typename T> DLK_INLINE T at_(const T* v, int64_t i) { return v[i]; }
+
+// The loops below take every stream as a __restrict__ pointer: without it GCC versions each
+// loop on runtime alias checks between up to 11 pointers and gives up vectorizing.
+#define R __restrict__
 
 // y = act(x * scale + shift)
-template <int ACT, typename T, typename K>
-DLK_INLINE void fwd_body(const T* x, T* y, int64_t n, const K& k) {
-  for (int64_t i = 0; i < n; ++i)
-    y[i] = act_fwd(ACT, x[i] * at_(k.scale, i) + at_(k.shift, i), at_(k.slope, i));
+template <int ACT, typename T>
+DLK_INLINE void fwd_row_body(const T* R x, T* R y, int64_t n, const RowK<T>& k) {
+  const T scale = k.scale, shift = k.shift, slope = k.slope;
+  for (int64_t i = 0; i < n; ++i) y[i] = act_fwd(ACT, x[i] * scale + shift, slope);
+}
+template <int ACT, typename T>
+DLK_INLINE void fwd_vec_body(const T* R x, T* R y, int64_t n, const T* R scale, const T* R shift,
+                             const T* R slope) {
+  for (int64_t i = 0; i < n; ++i) y[i] = act_fwd(ACT, x[i] * scale[i] + shift[i], slope[i]);
 }
 
-// Sums of dz, dz * xhat and the PReLU slope gradient over n elements, into out[0..2]
-// (row path: scalars; tile path: per-element accumulators at out[0], out[1], out[2] + i).
+// Sums of dz, dz * xhat and the PReLU slope gradient over n elements, added to out[0..2].
 template <int ACT, typename T>
-DLK_INLINE void reduce_row_body(const T* g, const T* x, int64_t n, const RowK<T>& k, T* out) {
+DLK_INLINE void reduce_row_body(const T* R g, const T* R x, int64_t n, const RowK<T>& k, T* out) {
+  const T scale = k.scale, shift = k.shift, slope = k.slope, mean = k.mean, invstd = k.invstd;
   T a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
-  auto step = [&](int64_t i, int j) {
-    const T z = x[i] * k.scale + k.shift;
-    const T dz = act_bwd(ACT, g[i], z, k.slope);
-    a0[j] += dz;
-    a1[j] += dz * ((x[i] - k.mean) * k.invstd);
-    a2[j] += prelu_weight_grad(g[i], z);
-  };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) step(i + j, j);
-  for (; i < n; ++i) step(i, 0);
+    for (int j = 0; j < kLanes; ++j) {
+      const T xv = x[i + j], gv = g[i + j];
+      const T z = xv * scale + shift;
+      const T dz = act_bwd(ACT, gv, z, slope);
+      a0[j] += dz;
+      a1[j] += dz * ((xv - mean) * invstd);
+      a2[j] += prelu_weight_grad(gv, z);
+    }
+  for (; i < n; ++i) {
+    const T z = x[i] * scale + shift;
+    const T dz = act_bwd(ACT, g[i], z, slope);
+    a0[0] += dz;
+    a1[0] += dz * ((x[i] - mean) * invstd);
+    a2[0] += prelu_weight_grad(g[i], z);
+  }
   out[0] += lane_sum(a0);
   out[1] += lane_sum(a1);
   out[2] += lane_sum(a2);
 }
 
+// Per-element accumulators s0, s1, s2 (tile path).
 template <int ACT, typename T>
-DLK_INLINE void reduce_vec_body(const T* g, const T* x, int64_t n, const VecK<T>& k, T* s0, T* s1, T* s2) {
+DLK_INLINE void reduce_vec_body(const T* R g, const T* R x, int64_t n, const T* R scale, const T* R shift,
+                                const T* R slope, const T* R mean, const T* R invstd, T* R s0, T* R s1,
+                                T* R s2) {
   for (int64_t i = 0; i < n; ++i) {
-    const T z = x[i] * k.scale[i] + k.shift[i];
-    const T dz = act_bwd(ACT, g[i], z, k.slope[i]);
+    const T z = x[i] * scale[i] + shift[i];
+    const T dz = act_bwd(ACT, g[i], z, slope[i]);
     s0[i] += dz;
-    s1[i] += dz * ((x[i] - k.mean[i]) * k.invstd[i]);
+    s1[i] += dz * ((x[i] - mean[i]) * invstd[i]);
     s2[i] += prelu_weight_grad(g[i], z);
   }
 }
 
 // grad_input = k1 * dz + ka * x + kc  (the batch-statistics terms folded per channel).
-template <int ACT, typename T, typename K>
-DLK_INLINE void elemt_body(const T* g, const T* x, T* gi, int64_t n, const K& k) {
+template <int ACT, typename T>
+DLK_INLINE void elemt_row_body(const T* R g, const T* R x, T* R gi, int64_t n, const RowK<T>& k) {
+  const T scale = k.scale, shift = k.shift, slope = k.slope, k1 = k.k1, ka = k.ka, kc = k.kc;
   for (int64_t i = 0; i < n; ++i) {
-    const T z = x[i] * at_(k.scale, i) + at_(k.shift, i);
-    const T dz = act_bwd(ACT, g[i], z, at_(k.slope, i));
-    gi[i] = at_(k.k1, i) * dz + at_(k.ka, i) * x[i] + at_(k.kc, i);
+    const T dz = act_bwd(ACT, g[i], x[i] * scale + shift, slope);
+    gi[i] = k1 * dz + ka * x[i] + kc;
   }
 }
+template <int ACT, typename T>
+DLK_INLINE void elemt_vec_body(const T* R g, const T* R x, T* R gi, int64_t n, const T* R scale,
+                               const T* R shift, const T* R slope, const T* R k1, const T* R ka,
+                               const T* R kc) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T dz = act_bwd(ACT, g[i], x[i] * scale[i] + shift[i], slope[i]);
+    gi[i] = k1[i] * dz + ka[i] * x[i] + kc[i];
+  }
+}
+#undef R
 
 // One clone set per (loop, type); the activation is a switch outside the loop. PReLU runs as
 // leaky ReLU with the channel's slope.
@@ -139,7 +165,7 @@ DLK_INLINE void elemt_body(const T* g, const T* x, T* gi, int64_t n, const K& k)
 
 template <typename T>
 DLK_INLINE void fwd_dispatch(int act, const T* x, T* y, int64_t n, const RowK<T>& k) {
-#define CALL(A) fwd_body<A>(x, y, n, k)
+#define CALL(A) fwd_row_body<A>(x, y, n, k)
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
@@ -148,7 +174,7 @@ DLK_CLONES void fwd_row(int act, const double* x, double* y, int64_t n, const Ro
 
 template <typename T>
 DLK_INLINE void fwd_vec_dispatch(int act, const T* x, T* y, int64_t n, const VecK<T>& k) {
-#define CALL(A) fwd_body<A>(x, y, n, k)
+#define CALL(A) fwd_vec_body<A>(x, y, n, k.scale, k.shift, k.slope)
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
@@ -166,24 +192,29 @@ DLK_CLONES void reduce_row(int act, const double* g, const double* x, int64_t n,
 
 template <typename T>
 DLK_INLINE void reduce_vec_dispatch(int act, const T* g, const T* x, int64_t n, const VecK<T>& k, T* s0, T* s1, T* s2) {
-#define CALL(A) reduce_vec_body<A>(g, x, n, k, s0, s1, s2)
+#define CALL(A) reduce_vec_body<A>(g, x, n, k.scale, k.shift, k.slope, k.mean, k.invstd, s0, s1, s2)
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
 DLK_CLONES void reduce_vec(int act, const float* g, const float* x, int64_t n, const VecK<float>& k, float* s0, float* s1, float* s2) { reduce_vec_dispatch(act, g, x, n, k, s0, s1, s2); }
 DLK_CLONES void reduce_vec(int act, const double* g, const double* x, int64_t n, const VecK<double>& k, double* s0, double* s1, double* s2) { reduce_vec_dispatch(act, g, x, n, k, s0, s1, s2); }
 
-template <typename T, typename K>
-DLK_INLINE void elemt_dispatch(int act, const T* g, const T* x, T* gi, int64_t n, const K& k) {
-#define CALL(A) elemt_body<A>(g, x, gi, n, k)
+template <typename T>
+DLK_INLINE void elemt_row_dispatch(int act, const T* g, const T* x, T* gi, int64_t n, const RowK<T>& k) {
+#define CALL(A) elemt_row_body<A>(g, x, gi, n, k)
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void elemt_row(int act, const float* g, const float* x, float* gi, int64_t n, const RowK<float>& k) { elemt_dispatch(act, g, x, gi, n, k); }
-DLK_CLONES void elemt_row(int act, const double* g, const double* x, double* gi, int64_t n, const RowK<double>& k) { elemt_dispatch(act, g, x, gi, n, k); }
-DLK_CLONES void elemt_vec(int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k) { elemt_dispatch(act, g, x, gi, n, k); }
-DLK_CLONES void elemt_vec(int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k) { elemt_dispatch(act, g, x, gi, n, k); }
-
+template <typename T>
+DLK_INLINE void elemt_vec_dispatch(int act, const T* g, const T* x, T* gi, int64_t n, const VecK<T>& k) {
+#define CALL(A) elemt_vec_body<A>(g, x, gi, n, k.scale, k.shift, k.slope, k.k1, k.ka, k.kc)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void elemt_row(int act, const float* g, const float* x, float* gi, int64_t n, const RowK<float>& k) { elemt_row_dispatch(act, g, x, gi, n, k); }
+DLK_CLONES void elemt_row(int act, const double* g, const double* x, double* gi, int64_t n, const RowK<double>& k) { elemt_row_dispatch(act, g, x, gi, n, k); }
+DLK_CLONES void elemt_vec(int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
+DLK_CLONES void elemt_vec(int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
 
 // ---- per-channel constants (tiny [C] tensors, computed once per call in double) ----
 

@@ -32,6 +32,10 @@ template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) 
   }
 }
 
+// Welford's d / n: the IEEE float division's slow path spills on sm_90; 2 ulp is plenty here.
+__device__ __forceinline__ float div_count(float d, float n) { return __fdividef(d, n); }
+__device__ __forceinline__ double div_count(double d, double n) { return d / n; }
+
 constexpr int kThreads = 256;  // bx * by of every block (BnGrid)
 
 // Thread (tx, ty) of block (cb, s) owns channel cb * bx + tx; it visits positions
@@ -92,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
       const A v = to_compute(x[i]) - k0;
       n += A(1);
       const A d = v - mean;
-      mean += d / n;
+      mean += div_count(d, n);
       m2 += d * (v - mean);
     });
   }

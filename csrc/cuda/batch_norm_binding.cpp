@@ -1,6 +1,7 @@
 // Tensor checks, layout preparation, partial buffers and their combine for the CUDA batch norm
 // kernels (batch_norm.cu). The math of the combine is the reference's (Chan's merge in closed
 // form), on [C, split] tensors.
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +10,7 @@
 #include <limits>
 
 #include "../api.h"
+#include "../common/batch_norm.h"
 #include "../prep.h"
 #include "batch_norm.cuh"
 
