@@ -87,6 +87,8 @@ CASES = [
 @pytest.mark.parametrize("act", ACTS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_training_and_eval_match_torch(backend, case, act, dtype):
+    if backend == "triton" and dtype in (torch.float16, torch.float64) and case[2] != "contiguous":
+        pytest.skip("the Triton interpreter is slow: fp16/fp64 run on contiguous inputs only")
     dim, shape, layout = case
     c = shape[1]
     prelu_n = c if act == "prelu" else 1

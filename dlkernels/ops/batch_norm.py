@@ -128,8 +128,9 @@ def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | 
         zeros = torch.zeros_like(sum_dz)
         gx = kernels("batch_norm_act_backward_elemt", x)(
             grad, x, mean, invstd, weight, bias, prelu_weight, zeros, zeros, max(count, 1), act, slope)
-    gw = _as(sum_dz_xhat, weight.dtype) if weight is not None else sum_dz_xhat.new_empty(0)
-    gb = _as(sum_dz, bias.dtype) if bias is not None else sum_dz.new_empty(0)
+    # Copies: a backend may return both sums as rows of one buffer, and op outputs may not alias.
+    gw = sum_dz_xhat.to(weight.dtype, copy=True) if weight is not None else sum_dz_xhat.new_empty(0)
+    gb = sum_dz.to(bias.dtype, copy=True) if bias is not None else sum_dz.new_empty(0)
     return gx, gw, gb, grad_prelu
 
 
