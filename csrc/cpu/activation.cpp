@@ -35,6 +35,20 @@ DLK_CLONES void leaky_bwd(const double* g, const double* x, double* gi, int64_t 
   leaky_bwd_body(g, x, gi, n, s);
 }
 
+// bf16 storage converted in registers: one pass instead of convert / compute / convert blocks.
+DLK_CLONES void leaky_fwd(const c10::BFloat16* x, c10::BFloat16* y, int64_t n, float s) {
+  const auto* xs = reinterpret_cast<const uint16_t*>(x);
+  auto* ys = reinterpret_cast<uint16_t*>(y);
+  for (int64_t i = 0; i < n; ++i) ys[i] = float_to_bf16_bits(leaky_relu_fwd(bf16_bits_to_float(xs[i]), s));
+}
+DLK_CLONES void leaky_bwd(const c10::BFloat16* g, const c10::BFloat16* x, c10::BFloat16* gi, int64_t n, float s) {
+  const auto* gs = reinterpret_cast<const uint16_t*>(g);
+  const auto* xs = reinterpret_cast<const uint16_t*>(x);
+  auto* os = reinterpret_cast<uint16_t*>(gi);
+  for (int64_t i = 0; i < n; ++i)
+    os[i] = float_to_bf16_bits(leaky_relu_bwd(bf16_bits_to_float(gs[i]), bf16_bits_to_float(xs[i]), s));
+}
+
 // One slope per element (the slopes of a [C, inner] tile, used when inner is short).
 template <typename T>
 DLK_INLINE void prelu_fwd_vec_body(const T* x, const T* w, T* y, int64_t n) {
@@ -101,6 +115,7 @@ constexpr int64_t kRowMin = 64;
 template <typename S>
 void leaky_fwd_range(const S* x, S* y, int64_t n, compute_t<S> slope) {
   using C = compute_t<S>;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) return leaky_fwd(x, y, n, slope);
   C xb[kBlock], yb[kBlock];
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
@@ -120,6 +135,7 @@ template <typename S>
 void leaky_bwd_impl(const S* g, const S* x, S* gi, int64_t n, double slope) {
   using C = compute_t<S>;
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    if constexpr (std::is_same_v<S, c10::BFloat16>) return leaky_bwd(g + b, x + b, gi + b, e - b, float(slope));
     C gb[kBlock], xb[kBlock], ob[kBlock];
     for (int64_t i = b; i < e; i += kBlock) {
       const int64_t m = std::min(kBlock, e - i);

@@ -18,21 +18,6 @@ const char* simd_path() {
 
 namespace {
 
-DLK_INLINE float bf16_bits_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, NaN kept quiet: the same rounding as c10::BFloat16.
-DLK_INLINE uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t(0x7fc0) : uint16_t(rounded);
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 bool has_f16c() {
   static const bool yes = [] {

@@ -24,6 +24,22 @@ constexpr int64_t kBlock = 2048;
 // The ISA level whose clones run on this CPU: "avx512", "avx2" or "baseline".
 const char* simd_path();
 
+// bf16 <-> float on the raw bits: plain integer ops, so loops using them vectorize.
+DLK_INLINE float bf16_bits_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet: the same rounding as c10::BFloat16.
+DLK_INLINE uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7fc0) : uint16_t(rounded);
+}
+
 // fp16/bf16 storage is computed in float, in L1-sized blocks.
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
