@@ -1,34 +1,11 @@
 // CUDA leaky ReLU / PReLU. The per-element math is csrc/common/activation.h, shared with the
 // CPU kernels; storage may be fp16/bf16, compute is float (double for fp64).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <type_traits>
-
 #include "../common/activation.h"
 #include "activation.cuh"
+#include "common.cuh"
 
 namespace dlk::cuda {
 namespace {
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-template <typename T> using compute_t = typename Compute<T>::type;
-
-// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
-__device__ __forceinline__ float to_compute(float v) { return v; }
-__device__ __forceinline__ double to_compute(double v) { return v; }
-__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
 
 template <typename T> __device__ __forceinline__ compute_t<T> ld(const T* p, int64_t i) {
   return to_compute(p[i]);
@@ -94,16 +71,6 @@ __global__ void prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ 
     __syncthreads();
   }
   if (threadIdx.x == 0) partials[c * gridDim.x + blockIdx.x] = smem[0];
-}
-
-template <typename F>
-void dispatch(DType t, F&& f) {
-  switch (t) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::f16: return f(__half{});
-    case DType::bf16: return f(__nv_bfloat16{});
-  }
 }
 
 }  // namespace

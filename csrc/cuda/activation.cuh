@@ -5,9 +5,9 @@
 
 #include <cstdint>
 
-namespace dlk::cuda {
+#include "common.cuh"
 
-enum class DType : int { f32, f64, f16, bf16 };
+namespace dlk::cuda {
 
 void launch_leaky_relu_fwd(DType t, const void* x, void* y, int64_t n, double slope,
                            cudaStream_t s);

@@ -8,33 +8,9 @@
 #include "../api.h"
 #include "../prep.h"
 #include "activation.cuh"
+#include "binding.h"
 
 namespace dlk::cuda {
-namespace {
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: TORCH_CHECK(false, "dlkernels cuda backend: unsupported dtype ", t.scalar_type());
-  }
-}
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "dlkernels cuda backend: ", name, " must be a CUDA tensor, got ",
-              t.device());
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-void check_launch() {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "dlkernels cuda kernel launch failed: ", cudaGetErrorString(err));
-}
-
-}  // namespace
 
 at::Tensor leaky_relu(const at::Tensor& x, double slope) {
   check_cuda(x, "input");

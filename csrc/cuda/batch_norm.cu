@@ -2,35 +2,12 @@
 // The per-element math and the merge of moments are csrc/common/batch_norm.h, shared with the
 // CPU kernels; storage may be fp16/bf16, compute is float (double for fp64). Reductions write
 // one partial per (channel, split) block, combined by the caller: deterministic, no atomics.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <type_traits>
-
 #include "../common/batch_norm.h"
 #include "batch_norm.cuh"
+#include "common.cuh"
 
 namespace dlk::cuda {
 namespace {
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-template <typename T> using compute_t = typename Compute<T>::type;
-
-// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
-__device__ __forceinline__ float to_compute(float v) { return v; }
-__device__ __forceinline__ double to_compute(double v) { return v; }
-__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
 
 // Welford's d / n: the IEEE float division's slow path spills on sm_90; 2 ulp is plenty here.
 __device__ __forceinline__ float div_count(float d, float n) { return __fdividef(d, n); }
@@ -187,16 +164,6 @@ __global__ void __launch_bounds__(kThreads)
     const A dz = act_bwd(act, to_compute(g[i]), xhat * ch.w + ch.b, ch.slope);
     gi[i] = from_compute<T>(k * (dz - ac - xhat * qc));
   });
-}
-
-template <typename F>
-void dispatch(DType t, F&& f) {
-  switch (t) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::f16: return f(__half{});
-    case DType::bf16: return f(__nv_bfloat16{});
-  }
 }
 
 dim3 grid_of(const BnGrid& g) { return dim3(static_cast<unsigned>(g.cblocks), g.split); }

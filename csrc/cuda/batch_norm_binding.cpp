@@ -13,36 +13,15 @@
 #include "../common/batch_norm.h"
 #include "../prep.h"
 #include "batch_norm.cuh"
+#include "binding.h"
 
 namespace dlk::cuda {
 namespace {
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: TORCH_CHECK(false, "dlkernels cuda backend: unsupported dtype ", t.scalar_type());
-  }
-}
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "dlkernels cuda backend: ", name, " must be a CUDA tensor, got ",
-              t.device());
-}
 
 void check_grad(const at::Tensor& grad, const at::Tensor& x) {
   check_cuda(grad, "grad_output");
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
               "dlkernels batch_norm: grad_output must match input in shape and dtype");
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-void check_launch() {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "dlkernels cuda kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // Dense input as [outer, C, inner] and the launch grid.

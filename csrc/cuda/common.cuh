@@ -1,0 +1,51 @@
+// Shared by the CUDA kernels of every family: the storage dtypes a launcher takes, and (under
+// nvcc) the compute type and explicit conversions of each. No torch headers.
+#pragma once
+
+namespace dlk::cuda {
+
+enum class DType : int { f32, f64, f16, bf16 };
+
+}  // namespace dlk::cuda
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace dlk::cuda {
+
+// fp16/bf16/fp32 storage computes in float, fp64 in double.
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+template <typename T> using compute_t = typename Compute<T>::type;
+
+// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return v;
+  }
+}
+
+// Calls f with a value of the storage type named by t.
+template <typename F>
+void dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::f16: return f(__half{});
+    case DType::bf16: return f(__nv_bfloat16{});
+  }
+}
+
+}  // namespace dlk::cuda
+#endif
