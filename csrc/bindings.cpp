@@ -12,16 +12,24 @@
   m.def("prelu_backward", &ns::prelu_backward, py::arg("grad_output"), py::arg("input"), \
         py::arg("weight"));
 
+#define DLK_BIND_OPTIM(m, ns)                                                                    \
+  m.def("grad_norm", &ns::grad_norm, py::arg("grads"), py::arg("norm_type"),                     \
+        py::arg("clip_value"), py::arg("grad_scale"));                                           \
+  m.def("adam_step_", &ns::adam_step_);                                                          \
+  m.def("rmsprop_step_", &ns::rmsprop_step_);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlkernels compiled kernels";
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels (OpenMP + SIMD)");
   DLK_BIND_ACTIVATION(cpu, dlk::cpu)
+  DLK_BIND_OPTIM(cpu, dlk::cpu)
   cpu.def("simd_path", &dlk::cpu::simd_path, "ISA level of the kernel clones chosen for this CPU");
 
   py::dict info;
 #ifdef DLK_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
   DLK_BIND_ACTIVATION(cuda, dlk::cuda)
+  DLK_BIND_OPTIM(cuda, dlk::cuda)
   info["cuda"] = true;
   info["cuda_arch_list"] = DLK_CUDA_ARCH_LIST;
 #else
