@@ -176,6 +176,14 @@ std::vector<Item> work_items(const std::vector<at::Tensor>& ts) {
   return items;
 }
 
+// Items per thread at least: below two chunks of work in all, one thread does everything (a
+// fork/join costs more than the work; on a busy machine, far more).
+int64_t items_grain(const std::vector<Item>& items) {
+  int64_t total = 0;
+  for (const Item& it : items) total += it.end - it.begin;
+  return total < 2 * kGrain ? std::max<int64_t>(1, int64_t(items.size())) : 1;
+}
+
 // Storage viewed in the compute type: the storage itself, or `buf` filled from it.
 template <typename S>
 DLK_INLINE compute_t<S>* load_mut(S* p, compute_t<S>* buf, int64_t m) {
@@ -278,7 +286,7 @@ at::Tensor grad_norm(const std::vector<at::Tensor>& grads, double norm_type, dou
   const double inv_scale = 1.0 / scalar_or<double>(grad_scale, 1.0);
   const auto items = work_items(grads);
   std::vector<double> part(items.size());
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, int64_t(items.size()), items_grain(items), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const Item& it = items[k];
       const at::Tensor& g = grads[it.tensor];
@@ -345,7 +353,7 @@ void adam_step_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const GradXform<C> x{C(inv_scale), C(clip_value), C(coef), C(maximize ? -1 : 1)};
     const auto block = adam_block<C>(wd, amsgrad);
     const bool small = lerp_small(C(1.0 - beta1));
-    at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, int64_t(items.size()), items_grain(items), [&](int64_t b, int64_t e) {
       C pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
       for (int64_t k = b; k < e; ++k) {
         const Item& it = items[k];
@@ -411,7 +419,7 @@ void rmsprop_step_(const std::vector<at::Tensor>& params, const std::vector<at::
     const GradXform<C> x{C(inv_scale), C(clip_value), C(coef), C(maximize ? -1 : 1)};
     const auto block = rms_block<C>(weight_decay != 0, centered, mom);
     const bool small = !centered || lerp_small(C(1.0 - alpha));
-    at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, int64_t(items.size()), items_grain(items), [&](int64_t b, int64_t e) {
       C pb[kBlock], gb[kBlock], sb[kBlock], ab[kBlock], bb[kBlock];
       for (int64_t k = b; k < e; ++k) {
         const Item& it = items[k];
