@@ -25,8 +25,12 @@ namespace {
 // The clones take lerp's |weight| < 0.5 as a constant (a branch in the loop would stop
 // vectorization); a weight >= 0.5 (beta1 or alpha <= 0.5, rare) runs the unvectorized form.
 template <int WD, bool AMS, typename T, typename B>
-DLK_INLINE void adam_body(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, const AdamCoefs<T>& c,
-                          const GradXform<T>& x, B small) {
+DLK_INLINE void adam_body(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, const AdamCoefs<T>& cr,
+                          const GradXform<T>& xr, B small) {
+  // Local copies: the compiler cannot prove the stores to p/m/v leave *cr and *xr alone, and
+  // would reload them every element instead of vectorizing.
+  const AdamCoefs<T> c = cr;
+  const GradXform<T> x = xr;
   for (int64_t i = 0; i < n; ++i) {
     T dummy = 0;
     adam_element<WD, AMS>(p[i], m[i], v[i], AMS ? vmax[i] : dummy, transform_grad(g[i], x), c,
@@ -73,7 +77,9 @@ AdamBlockFn<T> adam_block(int wd, bool ams) {
 
 template <bool WD, bool CEN, bool MOM, typename T, typename B>
 DLK_INLINE void rmsprop_body(T* p, const T* g, T* sq, T* ga, T* buf, int64_t n,
-                             const RMSpropCoefs<T>& c, const GradXform<T>& x, B small) {
+                             const RMSpropCoefs<T>& cr, const GradXform<T>& xr, B small) {
+  const RMSpropCoefs<T> c = cr;  // local copies, as in adam_body
+  const GradXform<T> x = xr;
   for (int64_t i = 0; i < n; ++i) {
     T d1 = 0, d2 = 0;
     rmsprop_element<WD, CEN, MOM>(p[i], sq[i], CEN ? ga[i] : d1, MOM ? buf[i] : d2,
