@@ -85,7 +85,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if p.dtype not in _DTYPES:
             raise TypeError(f"{type(self).__name__}: parameters must be float32, float64, float16 or "
                             f"bfloat16, got {p.dtype}")
-        if not _dense(p):
+        if not (p.is_contiguous() or _dense(p)):
             raise ValueError(f"{type(self).__name__}: parameters must be dense tensors (got a view with "
                              f"strides {p.stride()}); the fused kernels walk memory linearly")
 
@@ -98,11 +98,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         mine = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved, mine, strict=True):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if not torch.is_tensor(value):
-                    continue
-                if key == "step":
-                    self.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32).clone()
-                else:
+                if key == "step":  # a number in old checkpoints
+                    self.state[p][key] = torch.as_tensor(value).detach().to(p.device, torch.float32).clone()
+                elif torch.is_tensor(value):
                     self.state[p][key] = torch.empty_like(p, dtype=self._state_dtype_for(p)).copy_(value)
 
     # ---- the step ----
