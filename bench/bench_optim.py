@@ -71,7 +71,8 @@ def _case(algo: str, clip: bool, label: str, shapes: list[tuple[int, ...]], devi
     traffic: dict[str, Any] = {"min_bytes": update + norm, "pattern": "inplace"}
     if clip and "passes" in {f.name for f in dataclasses.fields(Case)}:
         traffic["passes"] = {"read": norm, "inplace": update}
-    return Case(name=name, setup=setup, size_bytes=4 * numel, device=device, **traffic,
+    # Probe bandwidth on a buffer as large as p, g and two states together: out of cache, as the step.
+    return Case(name=name, setup=setup, size_bytes=16 * numel, device=device, **traffic,
                 params={"algo": algo, "clip": clip, "params": label, "numel": numel, "tensors": len(shapes)})
 
 

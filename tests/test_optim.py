@@ -411,3 +411,10 @@ def test_cuda_matches_torch(cls):
     train(ours, ps)
     train(theirs, qs, clip=(None, 1.0, 2.0))
     assert_params_close(ps, qs, torch.float32)
+
+
+def test_triton_backend_says_it_has_no_optim_kernels():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with dlkernels.use_backend("triton"), pytest.raises(dlkernels.BackendUnavailableError):
+        FusedAdam([p]).step()

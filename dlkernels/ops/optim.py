@@ -11,16 +11,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlkernels._backend import impl
+from dlkernels._backend import BackendUnavailableError, impl, requested, select
+from dlkernels.reference import optim as _reference
 
 _FAMILY = "optim"
+
+
+def _impl(name: str, device: torch.device):
+    """The backend's function; there are no Triton optimizer kernels, so where the automatic
+    choice is triton (CUDA tensors, extension built without CUDA) the reference runs instead."""
+    if select(device) == "triton":
+        if requested() == "triton":
+            raise BackendUnavailableError("dlkernels backend 'triton' has no optim kernels; use 'cuda' or 'reference'")
+        return getattr(_reference, name)
+    return impl(_FAMILY, name, device)
 
 
 @torch.library.custom_op("dlkernels::grad_norm", mutates_args=())
 def grad_norm(grads: list[Tensor], norm_type: float, clip_value: float, grad_scale: Tensor | None) -> Tensor:
     """norm_type-norm of all gradients together, after unscaling (1/grad_scale) and clamping to
     [-clip_value, clip_value]; a 0-d float32 tensor (float64 when every gradient is float64)."""
-    return impl(_FAMILY, "grad_norm", grads[0].device)(grads, norm_type, clip_value, grad_scale)
+    return _impl("grad_norm", grads[0].device)(grads, norm_type, clip_value, grad_scale)
 
 
 @grad_norm.register_fake
@@ -39,7 +50,7 @@ def adam_step_(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[T
                maximize: bool, decoupled_weight_decay: bool) -> None:
     """One Adam (decoupled_weight_decay: AdamW) step of every tensor in the lists."""
     if params:
-        impl(_FAMILY, "adam_step_", params[0].device)(
+        _impl("adam_step_", params[0].device)(
             params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, grads, grad_scale, clip_coef, skip,
             clip_value, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
 
@@ -59,7 +70,7 @@ def rmsprop_step_(params: list[Tensor], square_avgs: list[Tensor], grad_avgs: li
                   maximize: bool) -> None:
     """One RMSprop step of every tensor in the lists."""
     if params:
-        impl(_FAMILY, "rmsprop_step_", params[0].device)(
+        _impl("rmsprop_step_", params[0].device)(
             params, square_avgs, grad_avgs, momentum_buffers, steps, grads, grad_scale, clip_coef, skip,
             clip_value, lr, alpha, eps, weight_decay, momentum, centered, maximize)
 
