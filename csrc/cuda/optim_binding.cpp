@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <vector>
 
 #include "../api.h"
 #include "optim.cuh"
@@ -46,11 +47,14 @@ std::pair<at::Tensor, int64_t> upload(std::vector<OptimTensor>& rows, const at::
   return {host.to(device, /*non_blocking=*/true), chunks};
 }
 
-const float* scalar_ptr(const std::optional<at::Tensor>& t, const at::Device& device, const char* name) {
+// A one-element scalar as float32 on `device` (converted on the stream when it is not: e.g. the
+// float64 clip coefficient of float64 gradients); `keep` holds the converted copy alive.
+const float* scalar_ptr(const std::optional<at::Tensor>& t, const at::Device& device, const char* name,
+                        std::vector<at::Tensor>& keep) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kFloat && t->numel() == 1,
-              "dlkernels cuda optim: ", name, " must be a float32 tensor with one element on ", device);
-  return t->const_data_ptr<float>();
+  TORCH_CHECK(t->numel() == 1, "dlkernels cuda optim: ", name, " must have one element");
+  keep.push_back(t->to(device, at::kFloat).contiguous());
+  return keep.back().const_data_ptr<float>();
 }
 
 void check_group(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& params,
@@ -105,7 +109,8 @@ at::Tensor grad_norm(const std::vector<at::Tensor>& grads, double norm_type, dou
     by_dtype[int(storage_of(g))].push_back(
         {const_cast<void*>(g.const_data_ptr()), nullptr, nullptr, nullptr, nullptr, nullptr, g.numel(), 0});
   }
-  const float* scale = scalar_ptr(grad_scale, device, "grad_scale");
+  std::vector<at::Tensor> keep;
+  const float* scale = scalar_ptr(grad_scale, device, "grad_scale", keep);
   std::vector<std::pair<at::Tensor, int64_t>> tables;
   int64_t total = 0;
   for (auto& [dtype, rows] : by_dtype) {
@@ -151,8 +156,9 @@ void adam_step_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   auto [table, chunks] = upload(rows, device);
   const AdamArgs a{lr, beta1, beta2, eps, weight_decay, clip_value,
                    weight_decay == 0 ? 0 : decoupled_weight_decay ? 2 : 1, amsgrad, maximize};
-  const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale"),
-                        scalar_ptr(clip_coef, device, "clip_coef"), scalar_ptr(skip, device, "skip")};
+  std::vector<at::Tensor> keep;
+  const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale", keep),
+                        scalar_ptr(clip_coef, device, "clip_coef", keep), scalar_ptr(skip, device, "skip", keep)};
   launch_adam(storage_of(params[0]), storage_of(exp_avgs[0]),
               reinterpret_cast<const OptimTensor*>(table.const_data_ptr()), int(rows.size()), chunks, a,
               s, stream());
@@ -182,8 +188,9 @@ void rmsprop_step_(const std::vector<at::Tensor>& params, const std::vector<at::
                        momentum > 0 ? momentum_buffers : std::vector<at::Tensor>{}, steps);
   auto [table, chunks] = upload(rows, device);
   const RMSpropArgs a{lr, alpha, eps, weight_decay, momentum, clip_value, centered, maximize};
-  const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale"),
-                        scalar_ptr(clip_coef, device, "clip_coef"), scalar_ptr(skip, device, "skip")};
+  std::vector<at::Tensor> keep;
+  const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale", keep),
+                        scalar_ptr(clip_coef, device, "clip_coef", keep), scalar_ptr(skip, device, "skip", keep)};
   launch_rmsprop(storage_of(params[0]), storage_of(square_avgs[0]),
                  reinterpret_cast<const OptimTensor*>(table.const_data_ptr()), int(rows.size()), chunks,
                  a, s, stream());
