@@ -54,7 +54,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 with_cuda = _want_cuda(torch.version.cuda, root)
 sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+# -fno-math-errno: sqrt that may set errno is a call GCC will not vectorize (optim kernels).
+cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 ext_kwargs = dict(extra_link_args=["-fopenmp"])
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

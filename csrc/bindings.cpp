@@ -26,11 +26,18 @@
         py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("sum_dz"),          \
         py::arg("sum_dz_xhat"), py::arg("count"), py::arg("act"), py::arg("slope"));
 
+#define DLK_BIND_OPTIM(m, ns)                                                                    \
+  m.def("grad_norm", &ns::grad_norm, py::arg("grads"), py::arg("norm_type"),                     \
+        py::arg("clip_value"), py::arg("grad_scale"));                                           \
+  m.def("adam_step_", &ns::adam_step_);                                                          \
+  m.def("rmsprop_step_", &ns::rmsprop_step_);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlkernels compiled kernels";
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels (OpenMP + SIMD)");
   DLK_BIND_ACTIVATION(cpu, dlk::cpu)
   DLK_BIND_BATCH_NORM(cpu, dlk::cpu)
+  DLK_BIND_OPTIM(cpu, dlk::cpu)
   cpu.def("simd_path", &dlk::cpu::simd_path, "ISA level of the kernel clones chosen for this CPU");
 
   py::dict info;
@@ -38,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
   DLK_BIND_ACTIVATION(cuda, dlk::cuda)
   DLK_BIND_BATCH_NORM(cuda, dlk::cuda)
+  DLK_BIND_OPTIM(cuda, dlk::cuda)
   info["cuda"] = true;
   info["cuda_arch_list"] = DLK_CUDA_ARCH_LIST;
 #else

@@ -8,7 +8,7 @@ modules and functions, each checked against a plain-torch reference.
 """
 
 # `ops` registers the torch.ops.dlkernels namespace.
-from dlkernels import _backend, cpu, functional, nn, ops
+from dlkernels import _backend, cpu, functional, nn, ops, optim
 from dlkernels._backend import BACKENDS, BackendUnavailableError, use_backend
 
 __version__ = "0.1.0"
@@ -27,5 +27,6 @@ __all__ = [
     "functional",
     "nn",
     "ops",
+    "optim",
     "use_backend",
 ]

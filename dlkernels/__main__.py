@@ -55,10 +55,37 @@ def _batch_norm_check(device: torch.device) -> float:
     return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
 
 
+def _optim_check(device: torch.device) -> float:
+    """Max abs difference to the reference over 3 clipped FusedAdamW and FusedRMSprop steps."""
+    from dlkernels.optim import FusedAdamW, FusedRMSprop
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in ((37,), (5, 7))]
+    grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(3)]
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        for cls, kw in ((FusedAdamW, {"amsgrad": True}), (FusedRMSprop, {"momentum": 0.9, "centered": True})):
+            ps = [torch.nn.Parameter(p.to(device)) for p in init]
+            opt = cls(ps, lr=0.01, max_grad_norm=1.0, **kw)
+            for gs in grads:
+                for p, g in zip(ps, gs, strict=True):
+                    p.grad = g.to(device)
+                opt.step()
+            out += [p.detach() for p in ps]
+        return out
+
+    got = run()
+    with dlkernels.use_backend("reference"):
+        want = run()
+    return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+
+
 # family -> check(device) returning the max error; later families add theirs here.
 SELF_CHECKS: dict[str, Callable[[torch.device], float]] = {
     "activation": _activation_check,
     "batch_norm": _batch_norm_check,
+    "optim": _optim_check,
 }
 TOLERANCE = 1e-4
 
