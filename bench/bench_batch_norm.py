@@ -57,5 +57,6 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
     out = [_case("bn+leaky_relu", mode, s, lay, device)
            for s in shapes for mode in ("fwd", "fwd+bwd", "eval") for lay in ("nchw", "channels_last")]
-    out += [_case("bn", mode, shapes[0], lay, device) for mode in ("fwd", "fwd+bwd") for lay in ("nchw", "channels_last")]
+    out += [_case("bn", mode, shapes[0], lay, device)
+            for mode in ("fwd", "fwd+bwd") for lay in ("nchw", "channels_last")]
     return out

@@ -138,7 +138,8 @@ def bandwidth(size_bytes: int, device: str, timing: Timing) -> dict[str, float]:
     """GB/s of each access pattern on a float32 tensor of ``size_bytes``, measured now.
 
     read: best of a few reductions (nothing written); copy: best of ``out.copy_(x)`` and
-    ``torch.neg(x, out=out)`` into a preallocated buffer; inplace: ``x.mul_(1.0)``. Cached per size and device within one process.
+    ``torch.neg(x, out=out)`` into a preallocated buffer; inplace: ``x.mul_(1.0)``. Cached per
+    size and device within one process.
     """
     key = (size_bytes, device)
     if key not in _probe_cache:

@@ -2,20 +2,14 @@
 // math is csrc/common/optim.h, shared with the CPU kernels. Block b finds its tensor by binary
 // search over the table's first_chunk, reads the tensor's step (incremented by a tiny kernel
 // launched just before), and updates kOptimChunk elements.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <type_traits>
 
 #include "../common/optim.h"
+#include "common.cuh"
 #include "optim.cuh"
 
 namespace dlk::cuda {
 namespace {
-
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-template <typename T> using compute_t = typename Compute<T>::type;
 
 // Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
 template <typename C> __device__ __forceinline__ C to_c(float v) { return C(v); }
@@ -196,13 +190,13 @@ __global__ void norm_finish_kernel(const double* partials, int64_t count, int ki
 }
 
 template <typename F>
-void dispatch_pair(Storage param, Storage state, F&& f) {
+void dispatch_pair(DType param, DType state, F&& f) {
   switch (param) {
-    case Storage::f32: return f(float{}, float{});
-    case Storage::f64: return f(double{}, double{});
-    case Storage::f16: return state == Storage::f32 ? f(__half{}, float{}) : f(__half{}, __half{});
-    case Storage::bf16:
-      return state == Storage::f32 ? f(__nv_bfloat16{}, float{}) : f(__nv_bfloat16{}, __nv_bfloat16{});
+    case DType::f32: return f(float{}, float{});
+    case DType::f64: return f(double{}, double{});
+    case DType::f16: return state == DType::f32 ? f(__half{}, float{}) : f(__half{}, __half{});
+    case DType::bf16:
+      return state == DType::f32 ? f(__nv_bfloat16{}, float{}) : f(__nv_bfloat16{}, __nv_bfloat16{});
   }
 }
 
@@ -210,7 +204,7 @@ unsigned grid_for(int count) { return unsigned((count + kThreads - 1) / kThreads
 
 }  // namespace
 
-void launch_adam(Storage param, Storage state, const OptimTensor* table, int count, int64_t chunks,
+void launch_adam(DType param, DType state, const OptimTensor* table, int count, int64_t chunks,
                  const AdamArgs& a, DeviceScalars s, cudaStream_t stream) {
   if (count == 0) return;
   increment_steps<<<grid_for(count), kThreads, 0, stream>>>(table, count, s);
@@ -219,7 +213,7 @@ void launch_adam(Storage param, Storage state, const OptimTensor* table, int cou
   });
 }
 
-void launch_rmsprop(Storage param, Storage state, const OptimTensor* table, int count,
+void launch_rmsprop(DType param, DType state, const OptimTensor* table, int count,
                     int64_t chunks, const RMSpropArgs& a, DeviceScalars s, cudaStream_t stream) {
   if (count == 0) return;
   increment_steps<<<grid_for(count), kThreads, 0, stream>>>(table, count, s);
@@ -228,7 +222,7 @@ void launch_rmsprop(Storage param, Storage state, const OptimTensor* table, int 
   });
 }
 
-void launch_norm_partials(Storage grad, const OptimTensor* table, int count, int64_t chunks, int kind,
+void launch_norm_partials(DType grad, const OptimTensor* table, int count, int64_t chunks, int kind,
                           double norm_type, double clip_value, const float* grad_scale,
                           double* partials, cudaStream_t stream) {
   if (chunks == 0) return;

@@ -6,9 +6,10 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace dlk::cuda {
 
-enum class Storage : int { f32, f64, f16, bf16 };
 
 // Elements per block of the multi-tensor kernels: a tensor of n elements takes
 // ceil(n / kOptimChunk) consecutive blocks, starting at block `first_chunk`.
@@ -45,13 +46,13 @@ struct RMSpropArgs {
 };
 
 // `table` is a device array of `count` entries; `chunks` the total number of blocks.
-void launch_adam(Storage param, Storage state, const OptimTensor* table, int count, int64_t chunks,
+void launch_adam(DType param, DType state, const OptimTensor* table, int count, int64_t chunks,
                  const AdamArgs& a, DeviceScalars s, cudaStream_t stream);
-void launch_rmsprop(Storage param, Storage state, const OptimTensor* table, int count,
+void launch_rmsprop(DType param, DType state, const OptimTensor* table, int count,
                     int64_t chunks, const RMSpropArgs& a, DeviceScalars s, cudaStream_t stream);
 
 // Norm partials of one dtype group into partials[0, chunks); kind: 0 L2, 1 L1, 2 inf, 3 general.
-void launch_norm_partials(Storage grad, const OptimTensor* table, int count, int64_t chunks, int kind,
+void launch_norm_partials(DType grad, const OptimTensor* table, int count, int64_t chunks, int kind,
                           double norm_type, double clip_value, const float* grad_scale,
                           double* partials, cudaStream_t stream);
 // Combines `count` partials into the norm, written as float (or double when out_double).

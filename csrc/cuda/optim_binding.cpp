@@ -10,27 +10,11 @@
 #include <vector>
 
 #include "../api.h"
+#include "binding.h"
 #include "optim.cuh"
 
 namespace dlk::cuda {
 namespace {
-
-Storage storage_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Storage::f32;
-    case at::kDouble: return Storage::f64;
-    case at::kHalf: return Storage::f16;
-    case at::kBFloat16: return Storage::bf16;
-    default: TORCH_CHECK(false, "dlkernels cuda optim: unsupported dtype ", t.scalar_type());
-  }
-}
-
-void check_launch() {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "dlkernels cuda kernel launch failed: ", cudaGetErrorString(err));
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // The table on the device (kept alive by the returned tensor) and the total number of chunks.
 std::pair<at::Tensor, int64_t> upload(std::vector<OptimTensor>& rows, const at::Device& device) {
@@ -106,7 +90,7 @@ at::Tensor grad_norm(const std::vector<at::Tensor>& grads, double norm_type, dou
     TORCH_CHECK(g.device() == device && g.is_non_overlapping_and_dense(),
                 "dlkernels cuda grad_norm: gradients must be dense and on ", device);
     all_double &= g.scalar_type() == at::kDouble;
-    by_dtype[int(storage_of(g))].push_back(
+    by_dtype[int(dtype_of(g))].push_back(
         {const_cast<void*>(g.const_data_ptr()), nullptr, nullptr, nullptr, nullptr, nullptr, g.numel(), 0});
   }
   std::vector<at::Tensor> keep;
@@ -122,7 +106,7 @@ at::Tensor grad_norm(const std::vector<at::Tensor>& grads, double norm_type, dou
   size_t k = 0;
   for (auto& [dtype, rows] : by_dtype) {
     const auto& [table, chunks] = tables[k++];
-    launch_norm_partials(Storage(dtype), reinterpret_cast<const OptimTensor*>(table.const_data_ptr()),
+    launch_norm_partials(DType(dtype), reinterpret_cast<const OptimTensor*>(table.const_data_ptr()),
                          int(rows.size()), chunks, kind, norm_type, clip_value, scale,
                          partials.mutable_data_ptr<double>() + offset, stream());
     offset += chunks;
@@ -159,7 +143,7 @@ void adam_step_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   std::vector<at::Tensor> keep;
   const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale", keep),
                         scalar_ptr(clip_coef, device, "clip_coef", keep), scalar_ptr(skip, device, "skip", keep)};
-  launch_adam(storage_of(params[0]), storage_of(exp_avgs[0]),
+  launch_adam(dtype_of(params[0]), dtype_of(exp_avgs[0]),
               reinterpret_cast<const OptimTensor*>(table.const_data_ptr()), int(rows.size()), chunks, a,
               s, stream());
   check_launch();
@@ -191,7 +175,7 @@ void rmsprop_step_(const std::vector<at::Tensor>& params, const std::vector<at::
   std::vector<at::Tensor> keep;
   const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale", keep),
                         scalar_ptr(clip_coef, device, "clip_coef", keep), scalar_ptr(skip, device, "skip", keep)};
-  launch_rmsprop(storage_of(params[0]), storage_of(square_avgs[0]),
+  launch_rmsprop(dtype_of(params[0]), dtype_of(square_avgs[0]),
                  reinterpret_cast<const OptimTensor*>(table.const_data_ptr()), int(rows.size()), chunks,
                  a, s, stream());
   check_launch();
