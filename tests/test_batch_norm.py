@@ -77,6 +77,8 @@ CASES = [
     (2, (2, 3, 5, 7), "channels_last"),
     (2, (3, 5, 4, 3), "strided"),
     (2, (2, 3, 9, 70), "contiguous"),  # long rows
+    (2, (5, 3, 20, 20), "channels_last"),  # several tile runs, the last one short
+    (1, (1000, 3), "contiguous"),
     (3, (2, 3, 2, 3, 4), "contiguous"),
     (3, (2, 3, 2, 3, 4), "channels_last"),
 ]

@@ -249,10 +249,24 @@ Consts make_consts(const at::Tensor& x, const at::Tensor& mean, const at::Tensor
   return k;
 }
 
-Consts tiled(const Consts& k, int64_t inner) {
+bool row_path(const ChannelView& v) { return v.inner >= kRowMin; }
+
+// Tile path unit: as many whole [C, inner] tiles (rows of `outer`) as make ~512 elements, so
+// each SIMD call streams a run rather than one short row (a 64-channel row is 256 bytes), while
+// the unit's constant and accumulator vectors still fit in L1 together.
+constexpr int64_t kTileUnit = 512;
+constexpr int64_t kPiece = 8192;  // elements per tile-path reduction piece: its passes stay in L1/L2
+int64_t unit_len(const ChannelView& v) {
+  const int64_t tile = v.channels * v.inner;
+  return tile * std::max<int64_t>(1, std::min(v.outer, kTileUnit / tile));
+}
+
+// The constants laid out as one tile-path unit: per element of `unit_len` consecutive elements.
+Consts tiled(const Consts& k, const ChannelView& v) {
   Consts t = k;
-  for (at::Tensor* v : {&t.scale, &t.shift, &t.slope, &t.mean, &t.invstd, &t.k1, &t.ka, &t.kc})
-    if (v->defined()) *v = v->repeat_interleave(inner).contiguous();
+  const int64_t reps = unit_len(v) / (v.channels * v.inner);
+  for (at::Tensor* c : {&t.scale, &t.shift, &t.slope, &t.mean, &t.invstd, &t.k1, &t.ka, &t.kc})
+    if (c->defined()) *c = c->repeat_interleave(v.inner).repeat(reps).contiguous();
   return t;
 }
 
@@ -277,18 +291,37 @@ VecK<C> vec_consts(const Consts& k, int64_t off) {
           ptr<C>(k.invstd, off), ptr<C>(k.k1, off), ptr<C>(k.ka, off), ptr<C>(k.kc, off)};
 }
 
-bool row_path(const ChannelView& v) { return v.inner >= kRowMin; }
-
-// Calls body(row_or_outer_index, offset, length) over the layout's units of work, in parallel:
-// rows of `inner` elements (row path) or [C, inner] tiles (tile path).
+// Calls body(unit_index, offset, length) over the layout's units of work, in parallel: rows of
+// `inner` elements (row path) or runs of whole tiles (tile path; the last one may be shorter).
 template <typename F>
 void for_each_unit(const ChannelView& v, F&& body) {
-  const bool rows = row_path(v);
-  const int64_t len = rows ? v.inner : v.channels * v.inner;
-  const int64_t units = rows ? v.outer * v.channels : v.outer;
+  const int64_t total = v.outer * v.channels * v.inner;
+  const int64_t len = row_path(v) ? v.inner : unit_len(v);
+  const int64_t units = (total + len - 1) / len;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrain / len), [&](int64_t b, int64_t e) {
-    for (int64_t u = b; u < e; ++u) body(u, u * len, len);
+    for (int64_t u = b; u < e; ++u) body(u, u * len, std::min(len, total - u * len));
   });
+}
+
+// Tile path reductions: fixed groups of units ("pieces", independent of the thread count, so
+// results are deterministic), each with its own per-element accumulators of one unit's length.
+struct Pieces {
+  int64_t len, units, per_piece, count;
+};
+Pieces pieces_of(const ChannelView& v) {
+  const int64_t len = unit_len(v), total = v.outer * v.channels * v.inner;
+  const int64_t units = (total + len - 1) / len;
+  const int64_t per_piece = std::max<int64_t>(1, kPiece / len);
+  return {len, units, per_piece, (units + per_piece - 1) / per_piece};
+}
+
+// out[c] += the unit-laid-out vals of channel c: rows of the unit are added with SIMD first
+// (vals is overwritten), then the one remaining [C, inner] tile is folded per channel.
+template <typename C>
+void fold_to_channels(C* vals, int64_t len, const ChannelView& v, double* out) {
+  const int64_t tile = v.channels * v.inner;
+  for (int64_t r = tile; r < len; r += tile) col_sum(vals + r, vals, tile);
+  for (int64_t t = 0; t < tile; ++t) out[t / v.inner] += vals[t];
 }
 
 // ---- drivers over storage type S (compute type C) ----
@@ -315,38 +348,50 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
     for (int64_t r = 0; r < rows; ++r)
       merge_moments<double>(n[r % channels], mu[r % channels], m2[r % channels], double(v.inner), rmu[r], rm2[r]);
   } else {
-    // Pieces of whole tiles: per-element (mean, M2) over the piece's rows, in two passes
-    // (the piece fits in L2), then merged per channel in a fixed order.
-    const int64_t tile = channels * v.inner;
-    const int64_t per_piece = std::max<int64_t>(1, kGrain / tile);
-    const int64_t pieces = (v.outer + per_piece - 1) / per_piece;
-    std::vector<C> pmu(pieces * tile, C(0)), pm2(pieces * tile, C(0));
-    at::parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
+    // Per piece (a fixed group of units that fits in L2): per-element sums, folded into
+    // per-channel means, then per-element squared deviations from those, folded likewise; the
+    // pieces' (count, mean, M2) are merged per channel in a fixed order. Only the very last unit
+    // may be short, so an element's count is its piece's number of units, less one past it.
+    const Pieces pc = pieces_of(v);
+    const int64_t total = v.outer * v.channels * v.inner, tile = channels * v.inner;
+    std::vector<double> pn(pc.count * channels), pmu(pc.count * channels), pm2(pc.count * channels);
+    at::parallel_for(0, pc.count, 1, [&](int64_t b, int64_t e) {
       C buf[kBlock];
+      std::vector<C> acc(pc.len), tmean(pc.len);  // tmean: channel means laid out as the unit
+      std::vector<double> sum(channels);
       for (int64_t p = b; p < e; ++p) {
-        const int64_t o0 = p * per_piece, o1 = std::min(v.outer, o0 + per_piece);
-        C* mu_p = pmu.data() + p * tile;
-        C* m2_p = pm2.data() + p * tile;
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t j = 0; j < tile; j += kBlock) {
-            const int64_t m = std::min(kBlock, tile - j);
-            col_sum(load(x + o * tile + j, buf, m), mu_p + j, m);
-          }
-        for (int64_t t = 0; t < tile; ++t) mu_p[t] /= C(o1 - o0);
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t j = 0; j < tile; j += kBlock) {
-            const int64_t m = std::min(kBlock, tile - j);
-            col_sq_dev(load(x + o * tile + j, buf, m), mu_p + j, m2_p + j, m);
-          }
+        const int64_t u0 = p * pc.per_piece, u1 = std::min(pc.units, u0 + pc.per_piece);
+        const int64_t last_len = std::min(pc.len, total - (u1 - 1) * pc.len);  // short: last unit only
+        auto sweep = [&](auto&& fn) {
+          for (int64_t u = u0; u < u1; ++u)
+            for (int64_t j = 0, n = std::min(pc.len, total - u * pc.len); j < n; j += kBlock) {
+              const int64_t m = std::min(kBlock, n - j);
+              fn(load(x + u * pc.len + j, buf, m), j, m);
+            }
+        };
+        double* n_p = pn.data() + p * channels;
+        double* mu_p = pmu.data() + p * channels;
+        double* m2_p = pm2.data() + p * channels;
+        // Elements per channel in this piece: whole rows of `tile`, the last unit maybe shorter.
+        const double rows = double((u1 - u0 - 1) * (pc.len / tile) + last_len / tile);
+        std::fill(acc.begin(), acc.end(), C(0));
+        std::fill(sum.begin(), sum.end(), 0.0);
+        sweep([&](const C* xv, int64_t j, int64_t m) { col_sum(xv, acc.data() + j, m); });
+        fold_to_channels(acc.data(), pc.len, v, sum.data());
+        for (int64_t c = 0; c < channels; ++c) {
+          n_p[c] = rows * double(v.inner);
+          mu_p[c] = sum[c] / n_p[c];
+        }
+        for (int64_t t = 0; t < tile; ++t) tmean[t] = C(mu_p[t / v.inner]);
+        for (int64_t r = tile; r < pc.len; r += tile) std::copy_n(tmean.begin(), tile, tmean.begin() + r);
+        std::fill(acc.begin(), acc.end(), C(0));
+        sweep([&](const C* xv, int64_t j, int64_t m) { col_sq_dev(xv, tmean.data() + j, acc.data() + j, m); });
+        fold_to_channels(acc.data(), pc.len, v, m2_p);
       }
     });
-    for (int64_t p = 0; p < pieces; ++p) {
-      const double cnt = double(std::min(v.outer, (p + 1) * per_piece) - p * per_piece);
-      for (int64_t t = 0; t < tile; ++t) {
-        const int64_t c = t / v.inner;
-        merge_moments<double>(n[c], mu[c], m2[c], cnt, pmu[p * tile + t], pm2[p * tile + t]);
-      }
-    }
+    for (int64_t p = 0; p < pc.count; ++p)
+      for (int64_t c = 0; c < channels; ++c)
+        merge_moments<double>(n[c], mu[c], m2[c], pn[p * channels + c], pmu[p * channels + c], pm2[p * channels + c]);
   }
   for (int64_t c = 0; c < channels; ++c) {
     mean[c] = mu[c];
@@ -368,7 +413,7 @@ void forward_impl(const S* x, S* y, int64_t act, const Consts& k, const ChannelV
       }
     });
   } else {
-    const Consts kt = tiled(k, v.inner);
+    const Consts kt = tiled(k, v);
     for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
       C xb[kBlock], yb[kBlock];
       for (int64_t j = 0; j < len; j += kBlock) {
@@ -404,26 +449,28 @@ void reduce_impl(const S* g, const S* x, int64_t act, const Consts& k, const Cha
     for (int64_t r = 0; r < rows; ++r)
       for (int q = 0; q < 3; ++q) sums[q * channels + r % channels] += part[3 * r + q];
   } else {
-    const Consts kt = tiled(k, v.inner);
-    const int64_t tile = channels * v.inner;
-    const int64_t per_piece = std::max<int64_t>(1, kGrain / tile);
-    const int64_t pieces = (v.outer + per_piece - 1) / per_piece;
-    std::vector<C> acc(3 * pieces * tile, C(0));
-    at::parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
+    const Consts kt = tiled(k, v);
+    const Pieces pc = pieces_of(v);
+    const int64_t total = v.outer * channels * v.inner;
+    std::vector<double> part(3 * pc.count * channels, 0.0);
+    at::parallel_for(0, pc.count, 1, [&](int64_t b, int64_t e) {
       C gb[kBlock], xb[kBlock];
+      std::vector<C> acc(3 * pc.len);
       for (int64_t p = b; p < e; ++p) {
-        C* a = acc.data() + 3 * p * tile;
-        for (int64_t o = p * per_piece; o < std::min(v.outer, (p + 1) * per_piece); ++o)
-          for (int64_t j = 0; j < tile; j += kBlock) {
-            const int64_t m = std::min(kBlock, tile - j), off = o * tile + j;
+        std::fill(acc.begin(), acc.end(), C(0));
+        C* a = acc.data();
+        for (int64_t u = p * pc.per_piece; u < std::min(pc.units, (p + 1) * pc.per_piece); ++u)
+          for (int64_t j = 0, n = std::min(pc.len, total - u * pc.len); j < n; j += kBlock) {
+            const int64_t m = std::min(kBlock, n - j), off = u * pc.len + j;
             reduce_vec(act, load(g + off, gb, m), load(x + off, xb, m), m, vec_consts<C>(kt, j), a + j,
-                       a + tile + j, a + 2 * tile + j);
+                       a + pc.len + j, a + 2 * pc.len + j);
           }
+        for (int q = 0; q < 3; ++q)
+          fold_to_channels(a + q * pc.len, pc.len, v, part.data() + (3 * p + q) * channels);
       }
     });
-    for (int64_t p = 0; p < pieces; ++p)
-      for (int q = 0; q < 3; ++q)
-        for (int64_t t = 0; t < tile; ++t) sums[q * channels + t / v.inner] += acc[(3 * p + q) * tile + t];
+    for (int64_t p = 0; p < pc.count; ++p)
+      for (int64_t i = 0; i < 3 * channels; ++i) sums[i] += part[3 * p * channels + i];
   }
 }
 
@@ -442,7 +489,7 @@ void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Consts& k, con
       }
     });
   } else {
-    const Consts kt = tiled(k, v.inner);
+    const Consts kt = tiled(k, v);
     for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
       C gb[kBlock], xb[kBlock], ob[kBlock];
       for (int64_t j = 0; j < len; j += kBlock) {
