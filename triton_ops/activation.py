@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlkernels._layout import is_dense as _is_dense
+
 from ._aot import AotSpec
 
 BLOCK = 1024
@@ -117,17 +119,6 @@ def _prelu_bwd_kernel(
         tl.store(gi_ptr + o, tl.where(pos, g, w * g).to(gi_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(pos, 0.0, x * g)
     tl.store(part_ptr + c * split + s, tl.sum(acc, axis=0))
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    # Non-overlapping and dense: some permutation of the dims is contiguous (size-1 dims and
-    # their strides do not matter). torch has no public Tensor method for this.
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

@@ -10,20 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlkernels._layout import is_dense
 from dlkernels.ops import optim as ops
 
 _NONFINITE = ("skip", "error", "propagate")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _dense(t: Tensor) -> bool:
-    """No gaps or overlaps in memory, in any dim order (what the kernels walk linearly)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _combine_norms(norms: list[Tensor], norm_type: float) -> Tensor:
@@ -85,7 +76,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if p.dtype not in _DTYPES:
             raise TypeError(f"{type(self).__name__}: parameters must be float32, float64, float16 or "
                             f"bfloat16, got {p.dtype}")
-        if not (p.is_contiguous() or _dense(p)):
+        if not (p.is_contiguous() or is_dense(p)):
             raise ValueError(f"{type(self).__name__}: parameters must be dense tensors (got a view with "
                              f"strides {p.stride()}); the fused kernels walk memory linearly")
 
