@@ -150,5 +150,15 @@ def _module(backend: str, family: str) -> ModuleType:
 
 
 def impl(family: str, name: str, device: torch.device) -> Callable:
-    """The function ``name`` of ``family`` on the backend selected for ``device``."""
-    return getattr(_module(select(device), family), name)
+    """The function ``name`` of ``family`` on the backend selected for ``device``.
+
+    A family a backend has no kernels for (e.g. no Triton optimizers) raises when that backend
+    was asked for by name, and runs on the reference when it was only the automatic choice.
+    """
+    backend = select(device)
+    try:
+        return getattr(_module(backend, family), name)
+    except (ModuleNotFoundError, AttributeError) as e:
+        if backend == "reference" or requested() == backend:
+            raise BackendUnavailableError(f"dlkernels backend '{backend}' has no {family} kernel {name!r}") from e
+        return getattr(_module("reference", family), name)

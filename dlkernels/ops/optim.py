@@ -11,19 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlkernels._backend import BackendUnavailableError, impl, requested, select
-from dlkernels.reference import optim as _reference
+from dlkernels._backend import impl
 
 _FAMILY = "optim"
 
 
 def _impl(name: str, device: torch.device):
-    """The backend's function; there are no Triton optimizer kernels, so where the automatic
-    choice is triton (CUDA tensors, extension built without CUDA) the reference runs instead."""
-    if select(device) == "triton":
-        if requested() == "triton":
-            raise BackendUnavailableError("dlkernels backend 'triton' has no optim kernels; use 'cuda' or 'reference'")
-        return getattr(_reference, name)
     return impl(_FAMILY, name, device)
 
 
