@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -30,11 +28,6 @@ def backend_params(device: str = "cpu") -> list:
         marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {reason}")]
         params.append(pytest.param(name, id=name, marks=marks))
     return params
-
-
-@pytest.fixture
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def assert_close_like_torch(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ BACKENDS = backend_params("cpu")
 ACTS = [None, "relu", "leaky_relu", "prelu"]
 
 
-def torch_block(bn: torch.nn.Module, act: str | None, num_features: int, prelu_parameters: int) -> torch.nn.Module:
+def torch_block(bn: torch.nn.Module, act: str | None, prelu_parameters: int) -> torch.nn.Module:
     """The torch modules our fused block replaces."""
     if act is None:
         return torch.nn.Sequential(bn)
@@ -96,7 +96,7 @@ def test_training_and_eval_match_torch(backend, case, act, dtype):
     prelu_n = c if act == "prelu" else 1
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     bn_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dim]
-    theirs = torch_block(bn_cls(c, dtype=param_dtype), act, c, prelu_n)
+    theirs = torch_block(bn_cls(c, dtype=param_dtype), act, prelu_n)
     if act == "prelu":
         theirs[1].to(dtype)  # torch's prelu needs the input's dtype
     ours = ours_block(dim, c, act, prelu_n, dtype=param_dtype)

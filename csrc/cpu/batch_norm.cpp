@@ -570,8 +570,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
   } else {
     grad_prelu = at::empty({0}, xd.options().dtype(acc_type(x)));
   }
-  // Copies: rows of one buffer would alias each other, which custom ops forbid.
-  return {sums[0].to(acc_type(x), false, true), sums[1].to(acc_type(x), false, true), grad_prelu};
+  return {sums[0].to(acc_type(x)), sums[1].to(acc_type(x)), grad_prelu};
 }
 
 at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
