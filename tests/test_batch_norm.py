@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import zlib
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_training_and_eval_match_torch(backend, case, act, dtype):
     ours = ours_block(dim, c, act, prelu_n, dtype=param_dtype)
     copy_params(ours, theirs)
     exact = copy.deepcopy(theirs).double()
-    x = make_input(shape, dtype, layout, seed=hash(case) % 1000)
+    x = make_input(shape, dtype, layout, seed=zlib.crc32(repr(case).encode()))  # not hash(): it varies per process
     g = make_input(shape, dtype, "contiguous", seed=1)
     with dlkernels.use_backend(backend):
         got = run(ours, x, 2, g)

@@ -100,12 +100,14 @@ def _stats_kernel(
     x_ptr, shift_ptr, part_ptr, m, C, inner, inner_m, inner_s,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    # part: [3, C, SPLIT] of (count, mean - shift, M2). Each lane keeps Welford moments of its
-    # own positions, shifted by one value of the channel so that a large mean costs no precision;
-    # a lane active in iteration k has seen exactly k + 1 values (a lane drops out only past the
-    # end, for good), so one scalar reciprocal per iteration replaces a division.
+    # part: [3, C, SPLIT] float64 of (count, mean - shift, M2). Each lane keeps Welford moments of
+    # its own positions, shifted by one value of the channel so that a large mean costs no
+    # precision; a lane active in iteration k has seen exactly k + 1 values (a lane drops out only
+    # past the end, for good), so one scalar reciprocal per iteration replaces a division. The
+    # lanes merge in float64: a float32 merge tree adds a few ulp to the mean, and that error is
+    # systematic per channel (the backward multiplies it by mean(grad)).
     cols, s, split = _program(BLOCK_C, WIDE)
-    acc_ty = part_ptr.dtype.element_ty
+    acc_ty = shift_ptr.dtype.element_ty
     shift = _cload(shift_ptr, cols, C)
     mean = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     m2 = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
@@ -119,7 +121,8 @@ def _stats_kernel(
         m2 += delta * (x - mean)
         cnt += mask.to(acc_ty)
         k += 1.0
-    mean_c, m2_c, n_c = tl.reduce((mean, m2, cnt), 0, _chan)
+    f64 = tl.float64
+    mean_c, m2_c, n_c = tl.reduce((mean.to(f64), m2.to(f64), cnt.to(f64)), 0, _chan)
     base = cols * split + s
     plane = C * split
     cm = cols < C
@@ -244,13 +247,13 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return nan, nan.clone()
     xd = _dense(x)
     grid, args, consts = _geometry(xd)
-    part = torch.empty((3, c, grid[1]), dtype=acc, device=x.device)
+    part = torch.empty((3, c, grid[1]), dtype=torch.float64, device=x.device)
     # the shift: each channel's first value in memory (offset c * inner)
     shift = xd.as_strided((c,), (args[2],)).to(acc).contiguous()
     with _device(xd):
         _stats_kernel[grid](xd, shift, part, *args, **consts)
     # Chan's merge of the SPLIT partials in closed form, in float64 (tiny tensors)
-    n, mu, m2 = part.double().unbind(0)
+    n, mu, m2 = part.unbind(0)
     total = n.sum(1)
     mean = (n * mu).sum(1) / total
     var = (m2.sum(1) + (n * (mu - mean[:, None]) ** 2).sum(1)) / total
@@ -371,6 +374,8 @@ def _spec(kernel, dt: str, layout: str, act: int | None = None, wide: bool = Fal
         consts["ACT"] = act
     acc = "fp64" if dt == "fp64" else "fp32"
     types = {"slope": "fp64", "m": "i64:16" if wide else "i32:16"}
+    if kernel is _stats_kernel:
+        types["part_ptr"] = "*fp64:16"  # merged in float64, see the kernel
     sig = {
         a: types.get(a, f"*{dt if a in _DATA_PTRS else acc}:16" if a.endswith("_ptr") else "i32")
         for a in kernel.arg_names

@@ -59,25 +59,28 @@ struct Channel {  // one channel's parameters, in registers for the whole walk
 };
 
 // (count, mean, M2) of a channel: per-thread Welford on values shifted by one value of the
-// channel (a large mean costs no precision), then Chan's merge across ty in shared memory.
+// channel (a large mean costs no precision), then Chan's merge across ty in shared memory, in
+// double: a float merge tree adds a few ulp to the mean, an error systematic per channel that
+// the backward multiplies by mean(grad). Partials are double.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     bn_stats_kernel(const T* __restrict__ x, const compute_t<T>* __restrict__ shift,
-                    compute_t<T>* __restrict__ part, BnShape s) {
+                    double* __restrict__ part, BnShape s) {
   using A = compute_t<T>;
   const int64_t c = my_channel();
-  A n = 0, mean = 0, m2 = 0;
+  A tn = 0, tmean = 0, tm2 = 0;
   if (c < s.channels) {
     const A k0 = shift[c];
     for_each_position(c, s, [&](int64_t i) {
       const A v = to_compute(x[i]) - k0;
-      n += A(1);
-      const A d = v - mean;
-      mean += div_count(d, n);
-      m2 += d * (v - mean);
+      tn += A(1);
+      const A d = v - tmean;
+      tmean += div_count(d, tn);
+      tm2 += d * (v - tmean);
     });
   }
-  __shared__ A sn[kThreads], smean[kThreads], sm2[kThreads];
+  double n = tn, mean = tmean, m2 = tm2;
+  __shared__ double sn[kThreads], smean[kThreads], sm2[kThreads];
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
   sn[t] = n;
   smean[t] = mean;
@@ -177,7 +180,7 @@ void launch_bn_stats(DType t, const void* x, const void* shift, void* partials, 
     using T = decltype(tag);
     using A = compute_t<T>;
     bn_stats_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(
-        static_cast<const T*>(x), static_cast<const A*>(shift), static_cast<A*>(partials), s);
+        static_cast<const T*>(x), static_cast<const A*>(shift), static_cast<double*>(partials), s);
   });
 }
 

@@ -50,7 +50,7 @@ struct BnParams {
   double slope;  // leaky slope (act == 2)
 };
 
-// partials: [3, C, split] of (count, mean - shift, M2); shift: [C], a value of each channel.
+// partials: [3, C, split] double of (count, mean - shift, M2); shift: [C], a value of each channel.
 void launch_bn_stats(DType t, const void* x, const void* shift, void* partials, BnShape s,
                      BnGrid g, cudaStream_t st);
 void launch_bn_fwd(DType t, const void* x, void* y, const BnParams& p, BnShape s, BnGrid g,

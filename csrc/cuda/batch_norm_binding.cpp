@@ -76,13 +76,12 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
   const Geometry geo = geometry(xd);
   // One value of each channel (its first in memory) that the kernel subtracts before Welford.
   const at::Tensor shift = xd.as_strided({c}, {geo.shape.inner}).to(acc).contiguous();
-  at::Tensor part = at::zeros({3, c, geo.grid.split}, x.options().dtype(acc));
+  at::Tensor part = at::zeros({3, c, geo.grid.split}, x.options().dtype(at::kDouble));
   launch_bn_stats(dtype_of(x), xd.const_data_ptr(), shift.const_data_ptr(), part.mutable_data_ptr(),
                   geo.shape, geo.grid, stream());
   check_launch();
   // Chan's merge of the split partials in closed form, in float64.
-  const at::Tensor p = part.to(at::kDouble);
-  const at::Tensor n = p[0], mu = p[1], m2 = p[2];
+  const at::Tensor n = part[0], mu = part[1], m2 = part[2];
   const at::Tensor total = n.sum(1);
   const at::Tensor mean = (n * mu).sum(1) / total;
   const at::Tensor var = (m2.sum(1) + (n * (mu - mean.unsqueeze(1)).pow(2)).sum(1)) / total;
