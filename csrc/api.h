@@ -33,7 +33,17 @@
       const at::Tensor& invstd, const std::optional<at::Tensor>& w,                               \
       const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,               \
       const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, int64_t count, int64_t act,        \
-      double slope);
+      double slope);                                                                              \
+  /* the training forward and the backward, whole: (y, mean, invstd, var), */                     \
+  /* (grad_input, sum_dz, sum_dz_xhat, grad_prelu) */                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(                \
+      const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b, \
+      const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope);           \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(             \
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,                        \
+      const at::Tensor& invstd, const std::optional<at::Tensor>& w,                               \
+      const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w, int64_t act,  \
+      double slope, bool training);
 
 // Fused optimizer steps over lists of tensors (one group: same device, param and state dtypes).
 #define DLK_OPTIM_API                                                                            \

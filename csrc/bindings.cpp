@@ -24,7 +24,13 @@
   m.def("batch_norm_act_backward_elemt", &ns::batch_norm_act_backward_elemt,                    \
         py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("invstd"),            \
         py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("sum_dz"),          \
-        py::arg("sum_dz_xhat"), py::arg("count"), py::arg("act"), py::arg("slope"));
+        py::arg("sum_dz_xhat"), py::arg("count"), py::arg("act"), py::arg("slope"));          \
+  m.def("batch_norm_act_train", &ns::batch_norm_act_train, py::arg("input"), py::arg("weight"),  \
+        py::arg("bias"), py::arg("prelu_weight"), py::arg("eps"), py::arg("act"),               \
+        py::arg("slope"));                                                                     \
+  m.def("batch_norm_act_backward", &ns::batch_norm_act_backward, py::arg("grad_output"),        \
+        py::arg("input"), py::arg("mean"), py::arg("invstd"), py::arg("weight"), py::arg("bias"), \
+        py::arg("prelu_weight"), py::arg("act"), py::arg("slope"), py::arg("training"));
 
 #define DLK_BIND_OPTIM(m, ns)                                                                    \
   m.def("grad_norm", &ns::grad_norm, py::arg("grads"), py::arg("norm_type"),                     \

@@ -73,20 +73,26 @@ inline void check_channel_tensor(const at::Tensor& t, const at::Tensor& x, const
 }
 
 // Checks of the batch norm kernels' arguments (never a crash on bad sizes or dtypes).
-inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& mean,
-                                  const at::Tensor& invstd, const std::optional<at::Tensor>& w,
-                                  const std::optional<at::Tensor>& b,
-                                  const std::optional<at::Tensor>& prelu_w, int64_t act) {
+inline void check_batch_norm_params(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                                    const std::optional<at::Tensor>& b,
+                                    const std::optional<at::Tensor>& prelu_w, int64_t act) {
   check_float_dtype(x, "input");
   TORCH_CHECK(x.dim() >= 2, "dlkernels batch_norm: input must have a channel dim 1, got ", x.dim(),
               "-d input");
-  check_channel_tensor(mean, x, "mean");
-  check_channel_tensor(invstd, x, "invstd");
   if (w) check_channel_tensor(*w, x, "weight");
   if (b) check_channel_tensor(*b, x, "bias");
   TORCH_CHECK(act >= 0 && act <= 3, "dlkernels batch_norm: unknown activation code ", act);
   TORCH_CHECK(act != 3 || prelu_w.has_value(), "dlkernels batch_norm: prelu needs prelu_weight");
   if (act == 3) check_channel_tensor(*prelu_w, x, "prelu_weight", /*allow_one=*/true);
+}
+
+inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& mean,
+                                  const at::Tensor& invstd, const std::optional<at::Tensor>& w,
+                                  const std::optional<at::Tensor>& b,
+                                  const std::optional<at::Tensor>& prelu_w, int64_t act) {
+  check_batch_norm_params(x, w, b, prelu_w, act);
+  check_channel_tensor(mean, x, "mean");
+  check_channel_tensor(invstd, x, "invstd");
 }
 
 // A per-channel tensor (or its default when absent) as a contiguous compute-type [C] tensor.

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlkernels.reference.batch_norm import compose_backward, compose_train
+
 from ._aot import AotSpec
 from .activation import _dense, _device, _divider, _divmod, _like
 
@@ -355,6 +357,10 @@ def batch_norm_act_backward_elemt(
         )  # fmt: skip
     return gi
 
+
+
+batch_norm_act_train = compose_train(batch_norm_stats, batch_norm_act_forward)
+batch_norm_act_backward = compose_backward(batch_norm_act_backward_reduce, batch_norm_act_backward_elemt)
 
 # The two tile shapes _geometry picks (channels_last shown with 64-channel tiles, where the JIT
 # makes constants of inner = 1 and its multiplier).

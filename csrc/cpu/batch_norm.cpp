@@ -7,7 +7,8 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full_like.h>
+#include <ATen/ops/from_blob.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -216,37 +217,77 @@ DLK_CLONES void elemt_row(int act, const double* g, const double* x, double* gi,
 DLK_CLONES void elemt_vec(int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
 DLK_CLONES void elemt_vec(int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
 
-// ---- per-channel constants (tiny [C] tensors, computed once per call in double) ----
+// ---- per-channel constants (computed in double, once per call or per channel) ----
 
-struct Consts {
-  at::Tensor scale, shift, slope, mean, invstd, k1, ka, kc;  // compute type, [C] or tiled
+// A channel's parameters, as double vectors of length C (slope: the leaky slope, the PReLU
+// slopes, or 0), rounded through the compute type as the kernels see them.
+struct ChannelParams {
+  std::vector<double> w, b, slope;
 };
 
-Consts make_consts(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-                   const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-                   const std::optional<at::Tensor>& prelu_w, int64_t act, double slope,
-                   const at::Tensor* sum_dz = nullptr, const at::Tensor* sum_dz_xhat = nullptr,
-                   int64_t count = 1) {
-  const auto dbl = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
-  const at::Tensor m = dbl(mean), is = dbl(invstd);
-  const at::Tensor wv = dbl(channel_values(w, x, 1.0)), bv = dbl(channel_values(b, x, 0.0));
-  Consts k;
-  k.scale = wv * is;
-  k.shift = bv - m * k.scale;
-  k.slope = act == kActPrelu ? channel_values(prelu_w, x, 0.0) : at::full_like(m, act == kActLeakyRelu ? slope : 0.0);
-  k.mean = m;
-  k.invstd = is;
-  if (sum_dz != nullptr) {  // grad_input = k1*dz - k1*sum_dz/count - k1*sum_dz_xhat/count * xhat
-    const at::Tensor k2 = k.scale * dbl(*sum_dz) / double(count);
-    const at::Tensor k3 = k.scale * dbl(*sum_dz_xhat) / double(count);
-    k.k1 = k.scale;
-    k.ka = -k3 * is;
-    k.kc = k3 * m * is - k2;
+std::vector<double> doubles(const at::Tensor& t) {
+  const at::Tensor d = t.to(at::kDouble).contiguous();
+  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel()};
+}
+
+ChannelParams channel_params(const at::Tensor& x, const std::optional<at::Tensor>& w,
+                             const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
+                             int64_t act, double slope) {
+  ChannelParams p{doubles(channel_values(w, x, 1.0)), doubles(channel_values(b, x, 0.0)), {}};
+  p.slope = act == kActPrelu ? doubles(channel_values(prelu_w, x, 0.0))
+                             : std::vector<double>(x.size(1), act == kActLeakyRelu ? slope : 0.0);
+  return p;
+}
+
+// Constants of channel c from its mean and invstd. grad_input = k1 * dz + ka * x + kc folds the
+// batch-statistics terms of the sums (sum dz, sum dz * xhat over `count` elements), when given.
+RowK<double> channel_k(const ChannelParams& p, int64_t c, double mean, double invstd,
+                       const double* sum_dz = nullptr, const double* sum_dz_xhat = nullptr, double count = 1) {
+  RowK<double> k{};
+  k.scale = p.w[c] * invstd;
+  k.shift = p.b[c] - mean * k.scale;
+  k.slope = p.slope[c];
+  k.mean = mean;
+  k.invstd = invstd;
+  k.k1 = k.scale;
+  if (sum_dz != nullptr) {
+    const double k2 = k.scale * *sum_dz / count, k3 = k.scale * *sum_dz_xhat / count;
+    k.ka = -k3 * invstd;
+    k.kc = k3 * mean * invstd - k2;
   }
-  const auto c = acc_type(x);
-  for (at::Tensor* t : {&k.scale, &k.shift, &k.slope, &k.mean, &k.invstd, &k.k1, &k.ka, &k.kc})
-    if (t->defined()) *t = t->to(c).contiguous();
   return k;
+}
+
+using Ks = std::vector<RowK<double>>;
+
+// Every channel's constants; sums (when given) are [C] sum dz and [C] sum dz * xhat.
+Ks make_consts(const ChannelParams& p, const std::vector<double>& mean, const std::vector<double>& invstd,
+               const double* sum_dz = nullptr, const double* sum_dz_xhat = nullptr, double count = 1) {
+  Ks ks(mean.size());
+  for (size_t c = 0; c < ks.size(); ++c)
+    ks[c] = sum_dz ? channel_k(p, c, mean[c], invstd[c], sum_dz + c, sum_dz_xhat + c, count)
+                   : channel_k(p, c, mean[c], invstd[c]);
+  return ks;
+}
+
+template <typename C>
+RowK<C> narrow(const RowK<double>& k) {
+  return {C(k.scale), C(k.shift), C(k.slope), C(k.mean), C(k.invstd), C(k.k1), C(k.ka), C(k.kc)};
+}
+
+template <typename C>
+std::vector<RowK<C>> narrow_all(const Ks& ks) {
+  std::vector<RowK<C>> out(ks.size());
+  std::transform(ks.begin(), ks.end(), out.begin(), narrow<C>);
+  return out;
+}
+
+// Statistics as the kernels store them (compute type), invstd as torch.rsqrt(var + eps) would.
+template <typename C>
+void finish_stats(double mu, double var, double eps, C* mean, C* var_out, C* invstd) {
+  *mean = C(mu);
+  *var_out = C(var);
+  *invstd = C(1) / std::sqrt(*var_out + C(eps));
 }
 
 bool row_path(const ChannelView& v) { return v.inner >= kRowMin; }
@@ -261,34 +302,103 @@ int64_t unit_len(const ChannelView& v) {
   return tile * std::max<int64_t>(1, std::min(v.outer, kTileUnit / tile));
 }
 
-// The constants laid out as one tile-path unit: per element of `unit_len` consecutive elements.
-Consts tiled(const Consts& k, const ChannelView& v) {
-  Consts t = k;
+// The constants laid out as one tile-path unit: row f of this [8, unit_len] compute-type table is
+// field f of RowK for each element's channel.
+template <typename C>
+at::Tensor tiled(const Ks& ks, const ChannelView& v) {
+  static_assert(sizeof(RowK<double>) == 8 * sizeof(double));
   const int64_t reps = unit_len(v) / (v.channels * v.inner);
-  for (at::Tensor* c : {&t.scale, &t.shift, &t.slope, &t.mean, &t.invstd, &t.k1, &t.ka, &t.kc})
-    if (c->defined()) *c = c->repeat_interleave(v.inner).repeat(reps).contiguous();
-  return t;
+  const at::Tensor t = at::from_blob(const_cast<RowK<double>*>(ks.data()), {int64_t(ks.size()), 8}, at::kDouble);
+  return t.t().to(c10::CppTypeToScalarType<C>::value).repeat_interleave(v.inner, 1).repeat({1, reps}).contiguous();
 }
 
 template <typename C>
-const C* ptr(const at::Tensor& t, int64_t off) {
-  return t.defined() ? t.const_data_ptr<C>() + off : nullptr;
+VecK<C> vec_consts(const at::Tensor& table, int64_t off) {
+  const int64_t n = table.size(1);
+  const C* p = table.const_data_ptr<C>() + off;
+  return {p, p + n, p + 2 * n, p + 3 * n, p + 4 * n, p + 5 * n, p + 6 * n, p + 7 * n};
 }
 
-template <typename C>
-std::vector<RowK<C>> row_consts(const Consts& k, int64_t channels) {
-  std::vector<RowK<C>> out(channels);
-  auto val = [&](const at::Tensor& t, int64_t c) { return t.defined() ? t.const_data_ptr<C>()[c] : C(0); };
-  for (int64_t c = 0; c < channels; ++c)
-    out[c] = {val(k.scale, c), val(k.shift, c), val(k.slope, c), val(k.mean, c),
-              val(k.invstd, c), val(k.k1, c), val(k.ka, c), val(k.kc, c)};
-  return out;
+// ---- one row of `inner` elements (row path and the channel-blocked schedule) ----
+
+// (mean, M2) of a row: L1 blocks merged in double.
+template <typename S>
+void row_moments(const S* x, int64_t len, double& mu, double& m2) {
+  compute_t<S> buf[kBlock], mom[2];
+  double n = 0;
+  mu = m2 = 0;
+  for (int64_t i = 0; i < len; i += kBlock) {
+    const int64_t m = std::min(kBlock, len - i);
+    block_moments(load(x + i, buf, m), m, mom);
+    merge_moments<double>(n, mu, m2, double(m), mom[0], mom[1]);
+  }
 }
 
-template <typename C>
-VecK<C> vec_consts(const Consts& k, int64_t off) {
-  return {ptr<C>(k.scale, off), ptr<C>(k.shift, off), ptr<C>(k.slope, off), ptr<C>(k.mean, off),
-          ptr<C>(k.invstd, off), ptr<C>(k.k1, off), ptr<C>(k.ka, off), ptr<C>(k.kc, off)};
+template <typename S>
+void row_forward(const S* x, S* y, int64_t len, int act, const RowK<compute_t<S>>& k) {
+  compute_t<S> xb[kBlock], yb[kBlock];
+  for (int64_t i = 0; i < len; i += kBlock) {
+    const int64_t m = std::min(kBlock, len - i);
+    fwd_row(act, load(x + i, xb, m), out_ptr(y + i, yb), m, k);
+    store(yb, y + i, m);
+  }
+}
+
+// Adds the row's sum dz, sum dz * xhat and PReLU slope gradient to acc[0..2].
+template <typename S>
+void row_reduce(const S* g, const S* x, int64_t len, int act, const RowK<compute_t<S>>& k, double* acc) {
+  using C = compute_t<S>;
+  C gb[kBlock], xb[kBlock];
+  for (int64_t i = 0; i < len; i += kBlock) {
+    const int64_t m = std::min(kBlock, len - i);
+    C out[3] = {0, 0, 0};
+    reduce_row(act, load(g + i, gb, m), load(x + i, xb, m), m, k, out);
+    for (int q = 0; q < 3; ++q) acc[q] += out[q];
+  }
+}
+
+template <typename S>
+void row_elemt(const S* g, const S* x, S* gi, int64_t len, int act, const RowK<compute_t<S>>& k) {
+  using C = compute_t<S>;
+  C gb[kBlock], xb[kBlock], ob[kBlock];
+  for (int64_t i = 0; i < len; i += kBlock) {
+    const int64_t m = std::min(kBlock, len - i);
+    elemt_row(act, load(g + i, gb, m), load(x + i, xb, m), out_ptr(gi + i, ob), m, k);
+    store(ob, gi + i, m);
+  }
+}
+
+// ---- channel-blocked schedule (NCHW-like input) ----
+// A thread takes a group of adjacent channels and runs both passes of a training forward
+// (statistics, then normalize) or backward (sums, then grad_input) over the group back to back,
+// so the second pass reads it from cache, not from memory. A group spans enough channels that
+// each of its rows (its channels of one sample) is a contiguous run of at least kRun bytes, which
+// the hardware prefetchers stream well. Used when a group (x, plus grad in the backward) fits
+// half of a thread's share of L2/L3 and the groups spread evenly over the threads.
+constexpr int64_t kRun = 16 << 10;
+
+int64_t cache_share(int64_t threads) {
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return std::max<int64_t>({int64_t(512) << 10, l2 > 0 ? l2 : 0, l3 > 0 ? l3 / threads : 0});
+}
+
+// Channels per group, or 0 when the whole-tensor schedule must run. bytes: per element, of the
+// tensors the first pass reads.
+int64_t channel_group(const ChannelView& v, int64_t bytes) {
+  const int64_t threads = at::get_num_threads();
+  if (!row_path(v) || v.outer == 0) return 0;
+  const int64_t k = std::min(v.channels, (kRun + v.inner * bytes - 1) / (v.inner * bytes));
+  const int64_t groups = (v.channels + k - 1) / k;
+  if (groups < threads || (groups % threads != 0 && groups < 4 * threads)) return 0;  // idle threads
+  return 2 * k * v.outer * v.inner * bytes <= cache_share(threads) ? k : 0;
+}
+
+// body(c0, c1) for each group of channels [c0, c1), in parallel.
+template <typename F>
+void for_each_group(const ChannelView& v, int64_t k, F&& body) {
+  at::parallel_for(0, (v.channels + k - 1) / k, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) body(q * k, std::min(v.channels, (q + 1) * k));
+  });
 }
 
 // Calls body(unit_index, offset, length) over the layout's units of work, in parallel: rows of
@@ -334,17 +444,7 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
   if (row_path(v)) {
     const int64_t rows = v.outer * channels;
     std::vector<double> rmu(rows), rm2(rows);
-    for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
-      C buf[kBlock], mom[2];
-      double cn = 0, cm = 0, cm2 = 0;
-      for (int64_t i = 0; i < len; i += kBlock) {
-        const int64_t m = std::min(kBlock, len - i);
-        block_moments(load(x + off + i, buf, m), m, mom);
-        merge_moments<double>(cn, cm, cm2, double(m), mom[0], mom[1]);
-      }
-      rmu[r] = cm;
-      rm2[r] = cm2;
-    });
+    for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) { row_moments(x + off, len, rmu[r], rm2[r]); });
     for (int64_t r = 0; r < rows; ++r)
       merge_moments<double>(n[r % channels], mu[r % channels], m2[r % channels], double(v.inner), rmu[r], rm2[r]);
   } else {
@@ -400,20 +500,15 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
 }
 
 template <typename S>
-void forward_impl(const S* x, S* y, int64_t act, const Consts& k, const ChannelView& v) {
+void forward_impl(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v) {
   using C = compute_t<S>;
   if (row_path(v)) {
-    const auto rk = row_consts<C>(k, v.channels);
+    const auto rk = narrow_all<C>(ks);
     for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
-      C xb[kBlock], yb[kBlock];
-      for (int64_t i = 0; i < len; i += kBlock) {
-        const int64_t m = std::min(kBlock, len - i);
-        fwd_row(act, load(x + off + i, xb, m), out_ptr(y + off + i, yb), m, rk[r % v.channels]);
-        store(yb, y + off + i, m);
-      }
+      row_forward(x + off, y + off, len, act, rk[r % v.channels]);
     });
   } else {
-    const Consts kt = tiled(k, v);
+    const at::Tensor kt = tiled<C>(ks, v);
     for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
       C xb[kBlock], yb[kBlock];
       for (int64_t j = 0; j < len; j += kBlock) {
@@ -427,29 +522,21 @@ void forward_impl(const S* x, S* y, int64_t act, const Consts& k, const ChannelV
 
 // Fills sums[3][C] (double): sum dz, sum dz*xhat, PReLU slope gradient per channel.
 template <typename S>
-void reduce_impl(const S* g, const S* x, int64_t act, const Consts& k, const ChannelView& v, double* sums) {
+void reduce_impl(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums) {
   using C = compute_t<S>;
   const int64_t channels = v.channels;
   std::fill_n(sums, 3 * channels, 0.0);
   if (row_path(v)) {
-    const auto rk = row_consts<C>(k, channels);
+    const auto rk = narrow_all<C>(ks);
     const int64_t rows = v.outer * channels;
-    std::vector<double> part(3 * rows);
+    std::vector<double> part(3 * rows, 0.0);
     for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
-      C gb[kBlock], xb[kBlock];
-      double acc[3] = {0, 0, 0};
-      for (int64_t i = 0; i < len; i += kBlock) {
-        const int64_t m = std::min(kBlock, len - i);
-        C out[3] = {0, 0, 0};
-        reduce_row(act, load(g + off + i, gb, m), load(x + off + i, xb, m), m, rk[r % channels], out);
-        for (int q = 0; q < 3; ++q) acc[q] += out[q];
-      }
-      for (int q = 0; q < 3; ++q) part[3 * r + q] = acc[q];
+      row_reduce(g + off, x + off, len, act, rk[r % channels], part.data() + 3 * r);
     });
     for (int64_t r = 0; r < rows; ++r)
       for (int q = 0; q < 3; ++q) sums[q * channels + r % channels] += part[3 * r + q];
   } else {
-    const Consts kt = tiled(k, v);
+    const at::Tensor kt = tiled<C>(ks, v);
     const Pieces pc = pieces_of(v);
     const int64_t total = v.outer * channels * v.inner;
     std::vector<double> part(3 * pc.count * channels, 0.0);
@@ -475,21 +562,15 @@ void reduce_impl(const S* g, const S* x, int64_t act, const Consts& k, const Cha
 }
 
 template <typename S>
-void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Consts& k, const ChannelView& v) {
+void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v) {
   using C = compute_t<S>;
   if (row_path(v)) {
-    const auto rk = row_consts<C>(k, v.channels);
+    const auto rk = narrow_all<C>(ks);
     for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
-      C gb[kBlock], xb[kBlock], ob[kBlock];
-      for (int64_t i = 0; i < len; i += kBlock) {
-        const int64_t m = std::min(kBlock, len - i);
-        elemt_row(act, load(g + off + i, gb, m), load(x + off + i, xb, m), out_ptr(gi + off + i, ob), m,
-                  rk[r % v.channels]);
-        store(ob, gi + off + i, m);
-      }
+      row_elemt(g + off, x + off, gi + off, len, act, rk[r % v.channels]);
     });
   } else {
-    const Consts kt = tiled(k, v);
+    const at::Tensor kt = tiled<C>(ks, v);
     for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
       C gb[kBlock], xb[kBlock], ob[kBlock];
       for (int64_t j = 0; j < len; j += kBlock) {
@@ -500,6 +581,84 @@ void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Consts& k, con
       }
     });
   }
+}
+
+// Training forward: statistics into mean/var/invstd ([C], compute type), then y. Channel groups
+// when they fit, else a statistics pass and a forward pass over the whole tensor; both give the
+// same bits (the same per-row moments merged in the same order).
+template <typename S>
+void train_impl(const S* x, S* y, int64_t act, const ChannelParams& p, double eps, const ChannelView& v,
+                compute_t<S>* mean, compute_t<S>* var, compute_t<S>* invstd) {
+  using C = compute_t<S>;
+  const int64_t channels = v.channels, row_stride = channels * v.inner;
+  if (const int64_t k = channel_group(v, sizeof(S))) {
+    for_each_group(v, k, [&](int64_t c0, int64_t c1) {
+      std::vector<double> n(c1 - c0, 0.0), mu(c1 - c0, 0.0), m2(c1 - c0, 0.0);
+      std::vector<RowK<C>> ks(c1 - c0);
+      for (int64_t o = 0; o < v.outer; ++o)
+        for (int64_t c = c0; c < c1; ++c) {
+          double rmu, rm2;
+          row_moments(x + o * row_stride + c * v.inner, v.inner, rmu, rm2);
+          merge_moments<double>(n[c - c0], mu[c - c0], m2[c - c0], double(v.inner), rmu, rm2);
+        }
+      for (int64_t c = c0; c < c1; ++c) {
+        finish_stats(mu[c - c0], m2[c - c0] / n[c - c0], eps, mean + c, var + c, invstd + c);
+        ks[c - c0] = narrow<C>(channel_k(p, c, mean[c], invstd[c]));
+      }
+      for (int64_t o = 0; o < v.outer; ++o)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = o * row_stride + c * v.inner;
+          row_forward(x + off, y + off, v.inner, act, ks[c - c0]);
+        }
+    });
+    return;
+  }
+  std::vector<double> mu(channels), vr(channels), m(channels), is(channels);
+  stats_impl(x, v, mu.data(), vr.data());
+  for (int64_t c = 0; c < channels; ++c) {
+    finish_stats(mu[c], vr[c], eps, mean + c, var + c, invstd + c);
+    m[c] = mean[c];
+    is[c] = invstd[c];
+  }
+  forward_impl(x, y, act, make_consts(p, m, is), v);
+}
+
+// Backward: sums[3][C] (as reduce_impl) and grad_input; eval mode (training false) treats the
+// statistics as constants. Channel groups when they fit; both schedules give the same bits.
+template <typename S>
+void backward_impl(const S* g, const S* x, S* gi, int64_t act, const ChannelParams& p, const std::vector<double>& mean,
+                   const std::vector<double>& invstd, bool training, const ChannelView& v, double* sums) {
+  using C = compute_t<S>;
+  const int64_t channels = v.channels, row_stride = channels * v.inner;
+  const double count = double(std::max<int64_t>(1, v.outer * v.inner));
+  if (const int64_t k = channel_group(v, 2 * sizeof(S))) {
+    for_each_group(v, k, [&](int64_t c0, int64_t c1) {
+      std::vector<RowK<C>> ks(c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) ks[c - c0] = narrow<C>(channel_k(p, c, mean[c], invstd[c]));
+      std::vector<double> s(3 * (c1 - c0), 0.0);  // [group channel][3]
+      for (int64_t o = 0; o < v.outer; ++o)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = o * row_stride + c * v.inner;
+          double acc[3] = {0, 0, 0};
+          row_reduce(g + off, x + off, v.inner, act, ks[c - c0], acc);
+          for (int q = 0; q < 3; ++q) s[3 * (c - c0) + q] += acc[q];
+        }
+      for (int64_t c = c0; c < c1; ++c) {
+        const double* sc = s.data() + 3 * (c - c0);
+        for (int q = 0; q < 3; ++q) sums[q * channels + c] = sc[q];
+        if (training) ks[c - c0] = narrow<C>(channel_k(p, c, mean[c], invstd[c], sc, sc + 1, count));
+      }
+      for (int64_t o = 0; o < v.outer; ++o)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t off = o * row_stride + c * v.inner;
+          row_elemt(g + off, x + off, gi + off, v.inner, act, ks[c - c0]);
+        }
+    });
+    return;
+  }
+  const Ks ks = make_consts(p, mean, invstd);
+  reduce_impl(g, x, act, ks, v, sums);
+  elemt_impl(g, x, gi, act, training ? make_consts(p, mean, invstd, sums, sums + channels, count) : ks, v);
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -538,12 +697,39 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, c
   check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor xd = dense(x);
   at::Tensor y = at::empty_like(xd);
-  const Consts k = make_consts(xd, mean, invstd, w, b, prelu_w, act, slope);
+  const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   DLK_DISPATCH_BN(x, "batch_norm_act_forward", [&] {
-    forward_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, k, channel_view(xd, xd.size(1)));
+    forward_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, channel_view(xd, xd.size(1)));
   });
   return y;
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
+    const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope) {
+  check_cpu(x, "input");
+  check_batch_norm_params(x, w, b, prelu_w, act);
+  const at::Tensor xd = dense(x);
+  const int64_t channels = xd.size(1);
+  at::Tensor y = at::empty_like(xd);
+  const auto opts = xd.options().dtype(acc_type(x));
+  at::Tensor mean = at::empty({channels}, opts), var = at::empty({channels}, opts), invstd = at::empty({channels}, opts);
+  const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
+  DLK_DISPATCH_BN(x, "batch_norm_act_train", [&] {
+    using C = compute_t<scalar_t>;
+    train_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, p, eps, channel_view(xd, channels),
+               mean.mutable_data_ptr<C>(), var.mutable_data_ptr<C>(), invstd.mutable_data_ptr<C>());
+  });
+  return {y, mean, invstd, var};
+}
+
+namespace {
+at::Tensor prelu_grad(const at::Tensor& per_channel, const std::optional<at::Tensor>& prelu_w, int64_t act,
+                      const at::Tensor& x) {
+  if (act != kActPrelu) return at::empty({0}, x.options().dtype(acc_type(x)));
+  return (prelu_w->numel() == 1 ? per_channel.sum() : per_channel).to(prelu_w->scalar_type()).reshape(prelu_w->sizes());
+}
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
@@ -555,22 +741,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
   const int64_t channels = xd.size(1);
-  const Consts k = make_consts(xd, mean, invstd, w, b, prelu_w, act, slope);
+  const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   at::Tensor sums = at::empty({3, channels}, xd.options().dtype(at::kDouble));
   DLK_DISPATCH_BN(x, "batch_norm_act_backward_reduce", [&] {
-    reduce_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), act, k, channel_view(xd, channels),
+    reduce_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), act, ks, channel_view(xd, channels),
                 sums.mutable_data_ptr<double>());
   });
-  at::Tensor grad_prelu;
-  if (act == kActPrelu) {
-    const at::Tensor per_channel = sums[2];
-    grad_prelu = (prelu_w->numel() == 1 ? per_channel.sum() : per_channel)
-                     .to(prelu_w->scalar_type())
-                     .reshape(prelu_w->sizes());
-  } else {
-    grad_prelu = at::empty({0}, xd.options().dtype(acc_type(x)));
-  }
-  return {sums[0].to(acc_type(x)), sums[1].to(acc_type(x)), grad_prelu};
+  return {sums[0].to(acc_type(x)), sums[1].to(acc_type(x)), prelu_grad(sums[2], prelu_w, act, xd)};
 }
 
 at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
@@ -587,12 +764,35 @@ at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tenso
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
   at::Tensor gi = at::empty_like(xd);
-  const Consts k = make_consts(xd, mean, invstd, w, b, prelu_w, act, slope, &sum_dz, &sum_dz_xhat, count);
+  const std::vector<double> s0 = doubles(sum_dz), s1 = doubles(sum_dz_xhat);
+  const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd), s0.data(),
+                            s1.data(), double(count));
   DLK_DISPATCH_BN(x, "batch_norm_act_backward_elemt", [&] {
-    elemt_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act, k,
+    elemt_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act, ks,
                channel_view(xd, xd.size(1)));
   });
   return gi;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
+    int64_t act, double slope, bool training) {
+  check_cpu(x, "input");
+  check_grad(grad, x);
+  check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
+  const at::Tensor xd = dense(x);
+  const at::Tensor gd = same_layout(grad, xd);
+  const int64_t channels = xd.size(1);
+  at::Tensor gi = at::empty_like(xd);
+  at::Tensor sums = at::empty({3, channels}, xd.options().dtype(at::kDouble));
+  const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
+  DLK_DISPATCH_BN(x, "batch_norm_act_backward", [&] {
+    backward_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act,
+                  p, doubles(mean), doubles(invstd), training, channel_view(xd, channels),
+                  sums.mutable_data_ptr<double>());
+  });
+  return {gi, sums[0].to(acc_type(x)), sums[1].to(acc_type(x)), prelu_grad(sums[2], prelu_w, act, xd)};
 }
 
 }  // namespace dlk::cpu

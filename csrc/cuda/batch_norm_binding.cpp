@@ -4,9 +4,11 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "../api.h"
@@ -167,6 +169,32 @@ at::Tensor batch_norm_act_backward_elemt(
                       gi.mutable_data_ptr(), geo.shape, geo.grid, stream());
   check_launch();
   return gi;
+}
+
+// The whole training forward and backward: the kernels above in sequence, glue in C++.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
+    const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope) {
+  check_cuda(x, "input");
+  check_batch_norm_params(x, w, b, prelu_w, act);
+  auto [mean, var] = batch_norm_stats(x);
+  at::Tensor invstd = (var + eps).rsqrt();
+  at::Tensor y = batch_norm_act_forward(x, mean, invstd, w, b, prelu_w, act, slope);
+  return {y, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& prelu_w, int64_t act, double slope, bool training) {
+  auto [sum_dz, sum_dz_xhat, grad_prelu] =
+      batch_norm_act_backward_reduce(grad, x, mean, invstd, w, b, prelu_w, act, slope);
+  const int64_t count = std::max<int64_t>(1, x.numel() / std::max<int64_t>(1, x.size(1)));
+  // eval mode: the statistics are constants, so the mean terms vanish
+  const at::Tensor a = training ? sum_dz : at::zeros_like(sum_dz);
+  const at::Tensor q = training ? sum_dz_xhat : at::zeros_like(sum_dz_xhat);
+  at::Tensor gi = batch_norm_act_backward_elemt(grad, x, mean, invstd, w, b, prelu_w, a, q, count, act, slope);
+  return {gi, sum_dz, sum_dz_xhat, grad_prelu};
 }
 
 }  // namespace dlk::cuda

@@ -41,10 +41,7 @@ def kernels(name: str, x: Tensor):
 @torch.library.custom_op("dlkernels::batch_norm_act_train", mutates_args=())
 def _train(x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None, eps: float,
            act: int, slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    mean, var = kernels("batch_norm_stats", x)(x)
-    invstd = torch.rsqrt(var + eps)
-    y = kernels("batch_norm_act_forward", x)(x, mean, invstd, weight, bias, prelu_weight, act, slope)
-    return y, mean, invstd, var
+    return kernels("batch_norm_act_train", x)(x, weight, bias, prelu_weight, eps, act, slope)
 
 
 @_train.register_fake
@@ -118,16 +115,8 @@ _eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None,
                  mean: Tensor, invstd: Tensor, act: int, slope: float,
                  training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    sum_dz, sum_dz_xhat, grad_prelu = kernels("batch_norm_act_backward_reduce", x)(
-        grad, x, mean, invstd, weight, bias, prelu_weight, act, slope)
-    count = x.numel() // x.shape[1]
-    if training:
-        gx = kernels("batch_norm_act_backward_elemt", x)(
-            grad, x, mean, invstd, weight, bias, prelu_weight, sum_dz, sum_dz_xhat, count, act, slope)
-    else:  # eval: statistics are constants, so the mean terms vanish
-        zeros = torch.zeros_like(sum_dz)
-        gx = kernels("batch_norm_act_backward_elemt", x)(
-            grad, x, mean, invstd, weight, bias, prelu_weight, zeros, zeros, max(count, 1), act, slope)
+    gx, sum_dz, sum_dz_xhat, grad_prelu = kernels("batch_norm_act_backward", x)(
+        grad, x, mean, invstd, weight, bias, prelu_weight, act, slope, training)
     # Copies: a backend may return both sums as rows of one buffer, and op outputs may not alias.
     gw = sum_dz_xhat.to(weight.dtype, copy=True) if weight is not None else sum_dz_xhat.new_empty(0)
     gb = sum_dz.to(bias.dtype, copy=True) if bias is not None else sum_dz.new_empty(0)

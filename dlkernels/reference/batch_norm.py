@@ -14,12 +14,20 @@ Backend contract (every backend module of the family has these functions, same a
   sum_dz_xhat, count, act, slope) -> grad_input``:
   ``weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)``; eval mode passes zero
   sums, which leaves ``dz * weight * invstd``.
+- ``batch_norm_act_train(x, weight, bias, prelu_weight, eps, act, slope) -> (y, mean, invstd, var)``:
+  the training forward whole (statistics, ``invstd = rsqrt(var + eps)``, forward), so a backend
+  may schedule its two passes together (the CPU runs them per channel, the second from cache).
+- ``batch_norm_act_backward(grad, x, mean, invstd, weight, bias, prelu_weight, act, slope, training)
+  -> (grad_input, sum_dz, sum_dz_xhat, grad_prelu)``: reduce then elemt; ``training=False`` (eval)
+  passes zero sums to elemt. ``compose_train`` / ``compose_backward`` build both from the four above.
 weight/bias may be None (1 and 0); they and mean/invstd/prelu_weight may be float32 for fp16/bf16 x.
 act: ACT_NONE, ACT_RELU, ACT_LEAKY_RELU (slope = negative_slope), ACT_PRELU (prelu_weight: 1 or C
 slopes). Reduced-precision x computes in float32; float64 in float64.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -100,3 +108,32 @@ def batch_norm_act_backward_elemt(grad, x, mean, invstd, weight, bias, prelu_wei
     scale = _per_channel(weight, x, 1.0) * _per_channel(invstd, x, 1.0)
     gx = scale * (dz - _per_channel(sum_dz, x, 0.0) / count - xhat * _per_channel(sum_dz_xhat, x, 0.0) / count)
     return gx.to(x.dtype)
+
+
+def compose_train(stats: Callable, forward: Callable) -> Callable:
+    """A backend's batch_norm_act_train from its batch_norm_stats and batch_norm_act_forward."""
+
+    def batch_norm_act_train(x, weight, bias, prelu_weight, eps: float, act: int, slope: float):
+        mean, var = stats(x)
+        invstd = torch.rsqrt(var + eps)
+        return forward(x, mean, invstd, weight, bias, prelu_weight, act, slope), mean, invstd, var
+
+    return batch_norm_act_train
+
+
+def compose_backward(reduce: Callable, elemt: Callable) -> Callable:
+    """A backend's batch_norm_act_backward from its backward_reduce and backward_elemt."""
+
+    def batch_norm_act_backward(grad, x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float,
+                                training: bool):
+        sum_dz, sum_dz_xhat, grad_prelu = reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act, slope)
+        a, q = (sum_dz, sum_dz_xhat) if training else (torch.zeros_like(sum_dz), torch.zeros_like(sum_dz_xhat))
+        count = max(1, x.numel() // max(1, x.shape[1]))
+        gx = elemt(grad, x, mean, invstd, weight, bias, prelu_weight, a, q, count, act, slope)
+        return gx, sum_dz, sum_dz_xhat, grad_prelu
+
+    return batch_norm_act_backward
+
+
+batch_norm_act_train = compose_train(batch_norm_stats, batch_norm_act_forward)
+batch_norm_act_backward = compose_backward(batch_norm_act_backward_reduce, batch_norm_act_backward_elemt)
