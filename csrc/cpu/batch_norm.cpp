@@ -8,7 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -319,7 +318,7 @@ VecK<C> vec_consts(const at::Tensor& table, int64_t off) {
   return {p, p + n, p + 2 * n, p + 3 * n, p + 4 * n, p + 5 * n, p + 6 * n, p + 7 * n};
 }
 
-// ---- one row of `inner` elements (row path and the channel-blocked schedule) ----
+// ---- one row of `inner` elements (row path) ----
 
 // (mean, M2) of a row: L1 blocks merged in double.
 template <typename S>
@@ -366,39 +365,6 @@ void row_elemt(const S* g, const S* x, S* gi, int64_t len, int act, const RowK<c
     elemt_row(act, load(g + i, gb, m), load(x + i, xb, m), out_ptr(gi + i, ob), m, k);
     store(ob, gi + i, m);
   }
-}
-
-// ---- channel-blocked schedule (NCHW-like input) ----
-// A thread takes a group of adjacent channels and runs both passes of a training forward
-// (statistics, then normalize) or backward (sums, then grad_input) over the group back to back,
-// so the second pass reads it from cache, not from memory. A group spans enough channels that
-// each of its rows (its channels of one sample) is a contiguous run of at least kRun bytes, which
-// the hardware prefetchers stream well. Used when a group (x, plus grad in the backward) fits
-// half of a thread's share of L2/L3 and the groups spread evenly over the threads.
-constexpr int64_t kRun = 16 << 10;
-
-int64_t cache_share(int64_t threads) {
-  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  return std::max<int64_t>({int64_t(512) << 10, l2 > 0 ? l2 : 0, l3 > 0 ? l3 / threads : 0});
-}
-
-// Channels per group, or 0 when the whole-tensor schedule must run. bytes: per element, of the
-// tensors the first pass reads.
-int64_t channel_group(const ChannelView& v, int64_t bytes) {
-  const int64_t threads = at::get_num_threads();
-  if (!row_path(v) || v.outer == 0) return 0;
-  const int64_t k = std::min(v.channels, (kRun + v.inner * bytes - 1) / (v.inner * bytes));
-  const int64_t groups = (v.channels + k - 1) / k;
-  if (groups < threads || (groups % threads != 0 && groups < 4 * threads)) return 0;  // idle threads
-  return 2 * k * v.outer * v.inner * bytes <= cache_share(threads) ? k : 0;
-}
-
-// body(c0, c1) for each group of channels [c0, c1), in parallel.
-template <typename F>
-void for_each_group(const ChannelView& v, int64_t k, F&& body) {
-  at::parallel_for(0, (v.channels + k - 1) / k, 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) body(q * k, std::min(v.channels, (q + 1) * k));
-  });
 }
 
 // Calls body(unit_index, offset, length) over the layout's units of work, in parallel: rows of
@@ -583,36 +549,12 @@ void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const 
   }
 }
 
-// Training forward: statistics into mean/var/invstd ([C], compute type), then y. Channel groups
-// when they fit, else a statistics pass and a forward pass over the whole tensor; both give the
-// same bits (the same per-row moments merged in the same order).
+// Training forward: statistics into mean/var/invstd ([C], compute type), then y; the glue
+// between the two passes stays in C++.
 template <typename S>
 void train_impl(const S* x, S* y, int64_t act, const ChannelParams& p, double eps, const ChannelView& v,
                 compute_t<S>* mean, compute_t<S>* var, compute_t<S>* invstd) {
-  using C = compute_t<S>;
-  const int64_t channels = v.channels, row_stride = channels * v.inner;
-  if (const int64_t k = channel_group(v, sizeof(S))) {
-    for_each_group(v, k, [&](int64_t c0, int64_t c1) {
-      std::vector<double> n(c1 - c0, 0.0), mu(c1 - c0, 0.0), m2(c1 - c0, 0.0);
-      std::vector<RowK<C>> ks(c1 - c0);
-      for (int64_t o = 0; o < v.outer; ++o)
-        for (int64_t c = c0; c < c1; ++c) {
-          double rmu, rm2;
-          row_moments(x + o * row_stride + c * v.inner, v.inner, rmu, rm2);
-          merge_moments<double>(n[c - c0], mu[c - c0], m2[c - c0], double(v.inner), rmu, rm2);
-        }
-      for (int64_t c = c0; c < c1; ++c) {
-        finish_stats(mu[c - c0], m2[c - c0] / n[c - c0], eps, mean + c, var + c, invstd + c);
-        ks[c - c0] = narrow<C>(channel_k(p, c, mean[c], invstd[c]));
-      }
-      for (int64_t o = 0; o < v.outer; ++o)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t off = o * row_stride + c * v.inner;
-          row_forward(x + off, y + off, v.inner, act, ks[c - c0]);
-        }
-    });
-    return;
-  }
+  const int64_t channels = v.channels;
   std::vector<double> mu(channels), vr(channels), m(channels), is(channels);
   stats_impl(x, v, mu.data(), vr.data());
   for (int64_t c = 0; c < channels; ++c) {
@@ -624,38 +566,12 @@ void train_impl(const S* x, S* y, int64_t act, const ChannelParams& p, double ep
 }
 
 // Backward: sums[3][C] (as reduce_impl) and grad_input; eval mode (training false) treats the
-// statistics as constants. Channel groups when they fit; both schedules give the same bits.
+// statistics as constants.
 template <typename S>
 void backward_impl(const S* g, const S* x, S* gi, int64_t act, const ChannelParams& p, const std::vector<double>& mean,
                    const std::vector<double>& invstd, bool training, const ChannelView& v, double* sums) {
-  using C = compute_t<S>;
-  const int64_t channels = v.channels, row_stride = channels * v.inner;
+  const int64_t channels = v.channels;
   const double count = double(std::max<int64_t>(1, v.outer * v.inner));
-  if (const int64_t k = channel_group(v, 2 * sizeof(S))) {
-    for_each_group(v, k, [&](int64_t c0, int64_t c1) {
-      std::vector<RowK<C>> ks(c1 - c0);
-      for (int64_t c = c0; c < c1; ++c) ks[c - c0] = narrow<C>(channel_k(p, c, mean[c], invstd[c]));
-      std::vector<double> s(3 * (c1 - c0), 0.0);  // [group channel][3]
-      for (int64_t o = 0; o < v.outer; ++o)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t off = o * row_stride + c * v.inner;
-          double acc[3] = {0, 0, 0};
-          row_reduce(g + off, x + off, v.inner, act, ks[c - c0], acc);
-          for (int q = 0; q < 3; ++q) s[3 * (c - c0) + q] += acc[q];
-        }
-      for (int64_t c = c0; c < c1; ++c) {
-        const double* sc = s.data() + 3 * (c - c0);
-        for (int q = 0; q < 3; ++q) sums[q * channels + c] = sc[q];
-        if (training) ks[c - c0] = narrow<C>(channel_k(p, c, mean[c], invstd[c], sc, sc + 1, count));
-      }
-      for (int64_t o = 0; o < v.outer; ++o)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t off = o * row_stride + c * v.inner;
-          row_elemt(g + off, x + off, gi + off, v.inner, act, ks[c - c0]);
-        }
-    });
-    return;
-  }
   const Ks ks = make_consts(p, mean, invstd);
   reduce_impl(g, x, act, ks, v, sums);
   elemt_impl(g, x, gi, act, training ? make_consts(p, mean, invstd, sums, sums + channels, count) : ks, v);
