@@ -21,7 +21,7 @@
 namespace dlk::cpu {
 namespace {
 
-constexpr int kLanes = 16;      // independent accumulators: vectorizable reductions
+constexpr int kLanes = 64;  // independent accumulators: vectorizable reductions, 4+ vector add chains
 constexpr int64_t kRowMin = 64; // shorter inner extents use the tile path
 
 // ---- SIMD loops (compute type T; ACT is a compile-time activation code) ----
@@ -43,14 +43,24 @@ DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
   for (; i < n; ++i) acc[0] += x[i];
   const T mean = lane_sum(acc) / T(n);
   T acc2[kLanes] = {};
-  for (i = 0; i + kLanes <= n; i += kLanes)
+  for (i = 0; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) acc2[j] += (x[i + j] - mean) * (x[i + j] - mean);
+    // the block after this one (the next row's, at a row's end): DRAM keeps streaming while
+    // this pass runs from L1; a prefetch past the end of the data does not fault
+    for (int j = 0; j < kLanes; j += 64 / int(sizeof(T))) __builtin_prefetch(x + n + i + j);
+  }
   for (; i < n; ++i) acc2[0] += (x[i] - mean) * (x[i] - mean);
   out[0] = mean;
   out[1] = lane_sum(acc2);
 }
 DLK_CLONES void block_moments(const float* x, int64_t n, float* out) { block_moments_body(x, n, out); }
 DLK_CLONES void block_moments(const double* x, int64_t n, double* out) { block_moments_body(x, n, out); }
+
+// Hints the cache lines of n elements at p into the cache.
+template <typename S>
+DLK_INLINE void prefetch(const S* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(S))) __builtin_prefetch(p + i);
+}
 
 // Tile path statistics: acc[i] += x[i], then acc[i] += (x[i] - mean[i])^2.
 template <typename T>
@@ -428,11 +438,14 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t u0 = p * pc.per_piece, u1 = std::min(pc.units, u0 + pc.per_piece);
         const int64_t last_len = std::min(pc.len, total - (u1 - 1) * pc.len);  // short: last unit only
-        auto sweep = [&](auto&& fn) {
+        // ahead: elements to prefetch ahead of each block (the second sweep, running from cache,
+        // fetches the next piece so that memory keeps streaming)
+        auto sweep = [&](int64_t ahead, auto&& fn) {
           for (int64_t u = u0; u < u1; ++u)
             for (int64_t j = 0, n = std::min(pc.len, total - u * pc.len); j < n; j += kBlock) {
-              const int64_t m = std::min(kBlock, n - j);
-              fn(load(x + u * pc.len + j, buf, m), j, m);
+              const int64_t m = std::min(kBlock, n - j), off = u * pc.len + j;
+              if (ahead > 0 && off + ahead < total) prefetch(x + off + ahead, std::min(m, total - off - ahead));
+              fn(load(x + off, buf, m), j, m);
             }
         };
         double* n_p = pn.data() + p * channels;
@@ -442,7 +455,7 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
         const double rows = double((u1 - u0 - 1) * (pc.len / tile) + last_len / tile);
         std::fill(acc.begin(), acc.end(), C(0));
         std::fill(sum.begin(), sum.end(), 0.0);
-        sweep([&](const C* xv, int64_t j, int64_t m) { col_sum(xv, acc.data() + j, m); });
+        sweep(0, [&](const C* xv, int64_t j, int64_t m) { col_sum(xv, acc.data() + j, m); });
         fold_to_channels(acc.data(), pc.len, v, sum.data());
         for (int64_t c = 0; c < channels; ++c) {
           n_p[c] = rows * double(v.inner);
@@ -451,7 +464,8 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
         for (int64_t t = 0; t < tile; ++t) tmean[t] = C(mu_p[t / v.inner]);
         for (int64_t r = tile; r < pc.len; r += tile) std::copy_n(tmean.begin(), tile, tmean.begin() + r);
         std::fill(acc.begin(), acc.end(), C(0));
-        sweep([&](const C* xv, int64_t j, int64_t m) { col_sq_dev(xv, tmean.data() + j, acc.data() + j, m); });
+        sweep((u1 - u0) * pc.len,
+              [&](const C* xv, int64_t j, int64_t m) { col_sq_dev(xv, tmean.data() + j, acc.data() + j, m); });
         fold_to_channels(acc.data(), pc.len, v, m2_p);
       }
     });
