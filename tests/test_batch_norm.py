@@ -80,6 +80,8 @@ CASES = [
     (2, (2, 3, 9, 70), "contiguous"),  # long rows
     (2, (5, 3, 20, 20), "channels_last"),  # several tile runs, the last one short
     (1, (1000, 3), "contiguous"),
+    (2, (3, 32, 5, 7), "channels_last"),  # the CPU's strip path: C % 16 == 0, rows of C channels
+    (1, (300, 16), "contiguous"),  # strip path on 2-D input, several blocks and pieces
     (3, (2, 3, 2, 3, 4), "contiguous"),
     (3, (2, 3, 2, 3, 4), "channels_last"),
 ]
@@ -223,14 +225,15 @@ def test_bad_constructor_arguments():
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
 @pytest.mark.parametrize("act", ACTS, ids=str)
-@pytest.mark.parametrize("shape", [(3, 2, 4), (2, 2, 65)], ids=str)  # the CPU's tile path and row path
+@pytest.mark.parametrize("shape", [(3, 2, 4), (2, 2, 65), (5, 16)], ids=str)  # the CPU's tile, row, strip paths
 def test_gradcheck_float64(backend, act, shape):
     torch.manual_seed(0)
+    c = shape[1]
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    p = torch.rand(2, dtype=torch.float64, requires_grad=True)
-    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+    w = torch.rand(c, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(c, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
     with dlkernels.use_backend(backend):
         for training in (True, False):
             def fn(x, w, b, p, training=training):

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../api.h"
@@ -60,6 +61,36 @@ DLK_CLONES void block_moments(const double* x, int64_t n, double* out) { block_m
 template <typename S>
 DLK_INLINE void prefetch(const S* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(S))) __builtin_prefetch(p + i);
+}
+
+// The strip path walks a block column-wise (a line of each row, then the next line of each):
+// from memory that runs ~30% slower than a sequential sweep here, so blocks are copied into an
+// L1 buffer with one sequential sweep first, and results written back the same way.
+template <typename S>
+DLK_INLINE const compute_t<S>* load_block(const S* p, compute_t<S>* buf, int64_t m) {
+  if constexpr (std::is_same_v<S, compute_t<S>>) {
+    std::memcpy(buf, p, m * sizeof(S));
+    return buf;
+  } else {
+    return load(p, buf, m);
+  }
+}
+// Its L1 buffers, skewed by a few lines: buffers a multiple of 4 KiB apart would alias in the
+// store-to-load check (4K aliasing) while a strip's loads run ahead of earlier rows' stores.
+template <typename C>
+struct StripBufs {
+  static constexpr int64_t kSkew = 48;
+  alignas(64) C mem[3 * (kBlock + kSkew)];
+  C* operator[](int i) { return mem + i * (kBlock + kSkew); }
+};
+
+template <typename S>
+DLK_INLINE void store_block(const compute_t<S>* buf, S* p, int64_t m) {
+  if constexpr (std::is_same_v<S, compute_t<S>>) {
+    std::memcpy(p, buf, m * sizeof(S));
+  } else {
+    store(buf, p, m);
+  }
 }
 
 // Tile path statistics: acc[i] += x[i], then acc[i] += (x[i] - mean[i])^2.
@@ -161,6 +192,72 @@ DLK_INLINE void elemt_vec_body(const T* R g, const T* R x, T* R gi, int64_t n, c
     gi[i] = k1[i] * dz + ka[i] * x[i] + kc[i];
   }
 }
+
+// ---- channels_last strips: kStrip channels whose constants and sums stay in registers while
+// rows stream past (x[r * ld + j], j < kStrip); the tile path's per-element constant vectors
+// cost ~10 L1 accesses per element, which bound it below the memory bandwidth ----
+constexpr int kStrip = 16;
+
+template <typename T>
+struct StripK {
+  T scale[kStrip], shift[kStrip], slope[kStrip], mean[kStrip], invstd[kStrip], k1[kStrip], ka[kStrip], kc[kStrip];
+};
+
+template <int ACT, typename T>
+DLK_INLINE void fwd_strip_body(const T* R x, T* R y, int64_t rows, int64_t ld, const StripK<T>& k) {
+  T sc[kStrip], sh[kStrip], sl[kStrip];
+  for (int j = 0; j < kStrip; ++j) sc[j] = k.scale[j], sh[j] = k.shift[j], sl[j] = k.slope[j];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < kStrip; ++j) y[r * ld + j] = act_fwd(ACT, x[r * ld + j] * sc[j] + sh[j], sl[j]);
+}
+
+// Adds the strip's sums to s[0..3 * kStrip): dz, dz * xhat, PReLU slope gradient.
+template <int ACT, typename T>
+DLK_INLINE void reduce_strip_body(const T* R g, const T* R x, int64_t rows, int64_t ld, const StripK<T>& k,
+                                  T* R s) {
+  T sc[kStrip], sh[kStrip], sl[kStrip], mu[kStrip], is[kStrip], a0[kStrip], a1[kStrip], a2[kStrip];
+  for (int j = 0; j < kStrip; ++j) {
+    sc[j] = k.scale[j], sh[j] = k.shift[j], sl[j] = k.slope[j], mu[j] = k.mean[j], is[j] = k.invstd[j];
+    a0[j] = s[j], a1[j] = s[kStrip + j], a2[j] = s[2 * kStrip + j];
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < kStrip; ++j) {
+      const T xv = x[r * ld + j], gv = g[r * ld + j];
+      const T z = xv * sc[j] + sh[j];
+      const T dz = act_bwd(ACT, gv, z, sl[j]);
+      a0[j] += dz;
+      a1[j] += dz * ((xv - mu[j]) * is[j]);
+      a2[j] += prelu_weight_grad(gv, z);
+    }
+  for (int j = 0; j < kStrip; ++j) s[j] = a0[j], s[kStrip + j] = a1[j], s[2 * kStrip + j] = a2[j];
+}
+
+template <int ACT, typename T>
+DLK_INLINE void elemt_strip_body(const T* R g, const T* R x, T* R gi, int64_t rows, int64_t ld, const StripK<T>& k) {
+  T sc[kStrip], sh[kStrip], sl[kStrip], k1[kStrip], ka[kStrip], kc[kStrip];
+  for (int j = 0; j < kStrip; ++j)
+    sc[j] = k.scale[j], sh[j] = k.shift[j], sl[j] = k.slope[j], k1[j] = k.k1[j], ka[j] = k.ka[j], kc[j] = k.kc[j];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < kStrip; ++j) {
+      const T xv = x[r * ld + j];
+      gi[r * ld + j] = k1[j] * act_bwd(ACT, g[r * ld + j], xv * sc[j] + sh[j], sl[j]) + ka[j] * xv + kc[j];
+    }
+}
+
+// Statistics: s[j] += x (mean == nullptr), or s[j] += (x - mean[j])^2.
+template <typename T>
+DLK_INLINE void moments_strip_body(const T* R x, int64_t rows, int64_t ld, const T* R mean, T* R s) {
+  T a[kStrip], mu[kStrip];
+  for (int j = 0; j < kStrip; ++j) a[j] = s[j], mu[j] = mean ? mean[j] : T(0);
+  if (mean == nullptr) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int j = 0; j < kStrip; ++j) a[j] += x[r * ld + j];
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int j = 0; j < kStrip; ++j) a[j] += (x[r * ld + j] - mu[j]) * (x[r * ld + j] - mu[j]);
+  }
+  for (int j = 0; j < kStrip; ++j) s[j] = a[j];
+}
 #undef R
 
 // One clone set per (loop, type); the activation is a switch outside the loop. PReLU runs as
@@ -225,6 +322,35 @@ DLK_CLONES void elemt_row(int act, const float* g, const float* x, float* gi, in
 DLK_CLONES void elemt_row(int act, const double* g, const double* x, double* gi, int64_t n, const RowK<double>& k) { elemt_row_dispatch(act, g, x, gi, n, k); }
 DLK_CLONES void elemt_vec(int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
 DLK_CLONES void elemt_vec(int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
+
+template <typename T>
+DLK_INLINE void fwd_strip_dispatch(int act, const T* x, T* y, int64_t rows, int64_t ld, const StripK<T>& k) {
+#define CALL(A) fwd_strip_body<A>(x, y, rows, ld, k)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+template <typename T>
+DLK_INLINE void reduce_strip_dispatch(int act, const T* g, const T* x, int64_t rows, int64_t ld, const StripK<T>& k,
+                                      T* s) {
+#define CALL(A) reduce_strip_body<A>(g, x, rows, ld, k, s)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+template <typename T>
+DLK_INLINE void elemt_strip_dispatch(int act, const T* g, const T* x, T* gi, int64_t rows, int64_t ld,
+                                     const StripK<T>& k) {
+#define CALL(A) elemt_strip_body<A>(g, x, gi, rows, ld, k)
+  DLK_ACT_SWITCH(act, CALL)
+#undef CALL
+}
+DLK_CLONES void fwd_strip(int act, const float* x, float* y, int64_t rows, int64_t ld, const StripK<float>& k) { fwd_strip_dispatch(act, x, y, rows, ld, k); }
+DLK_CLONES void fwd_strip(int act, const double* x, double* y, int64_t rows, int64_t ld, const StripK<double>& k) { fwd_strip_dispatch(act, x, y, rows, ld, k); }
+DLK_CLONES void reduce_strip(int act, const float* g, const float* x, int64_t rows, int64_t ld, const StripK<float>& k, float* s) { reduce_strip_dispatch(act, g, x, rows, ld, k, s); }
+DLK_CLONES void reduce_strip(int act, const double* g, const double* x, int64_t rows, int64_t ld, const StripK<double>& k, double* s) { reduce_strip_dispatch(act, g, x, rows, ld, k, s); }
+DLK_CLONES void elemt_strip(int act, const float* g, const float* x, float* gi, int64_t rows, int64_t ld, const StripK<float>& k) { elemt_strip_dispatch(act, g, x, gi, rows, ld, k); }
+DLK_CLONES void elemt_strip(int act, const double* g, const double* x, double* gi, int64_t rows, int64_t ld, const StripK<double>& k) { elemt_strip_dispatch(act, g, x, gi, rows, ld, k); }
+DLK_CLONES void moments_strip(const float* x, int64_t rows, int64_t ld, const float* mean, float* s) { moments_strip_body(x, rows, ld, mean, s); }
+DLK_CLONES void moments_strip(const double* x, int64_t rows, int64_t ld, const double* mean, double* s) { moments_strip_body(x, rows, ld, mean, s); }
 
 // ---- per-channel constants (computed in double, once per call or per channel) ----
 
@@ -401,6 +527,44 @@ Pieces pieces_of(const ChannelView& v) {
   return {len, units, per_piece, (units + per_piece - 1) / per_piece};
 }
 
+// Strip path (channels_last and 2-D input with C % kStrip == 0): blocks of kBlock / C whole rows
+// (one load() each), grouped for reductions into fixed pieces of kPiece / kBlock blocks
+// (independent of the thread count, so sums are deterministic).
+bool strip_path(const ChannelView& v) {
+  return v.inner == 1 && v.channels % kStrip == 0 && v.channels <= kBlock;
+}
+
+struct StripGeo {
+  int64_t rb, piece_rows, pieces;
+};
+StripGeo strip_geo(const ChannelView& v) {
+  const int64_t rb = kBlock / v.channels, piece_rows = rb * (kPiece / kBlock);
+  return {rb, piece_rows, (v.outer + piece_rows - 1) / piece_rows};
+}
+
+// body(first row, rows) for each block, in parallel.
+template <typename F>
+void for_each_row_block(const ChannelView& v, F&& body) {
+  const int64_t rb = strip_geo(v).rb, blocks = (v.outer + rb - 1) / rb;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kBlock), [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) body(q * rb, std::min(rb, v.outer - q * rb));
+  });
+}
+
+// The constants of each strip of kStrip channels.
+template <typename C>
+std::vector<StripK<C>> strips(const Ks& ks) {
+  std::vector<StripK<C>> out(ks.size() / kStrip);
+  for (size_t c = 0; c < ks.size(); ++c) {
+    const RowK<C> k = narrow<C>(ks[c]);
+    StripK<C>& o = out[c / kStrip];
+    const size_t j = c % kStrip;
+    o.scale[j] = k.scale, o.shift[j] = k.shift, o.slope[j] = k.slope, o.mean[j] = k.mean;
+    o.invstd[j] = k.invstd, o.k1[j] = k.k1, o.ka[j] = k.ka, o.kc[j] = k.kc;
+  }
+  return out;
+}
+
 // out[c] += the unit-laid-out vals of channel c: rows of the unit are added with SIMD first
 // (vals is overwritten), then the one remaining [C, inner] tile is folded per channel.
 template <typename C>
@@ -423,6 +587,41 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
     for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) { row_moments(x + off, len, rmu[r], rm2[r]); });
     for (int64_t r = 0; r < rows; ++r)
       merge_moments<double>(n[r % channels], mu[r % channels], m2[r % channels], double(v.inner), rmu[r], rm2[r]);
+  } else if (strip_path(v)) {
+    // Per piece: channel sums, means, then squared deviations from them (the piece is in cache
+    // for that second sweep, which prefetches the next piece); pieces merged as below.
+    const StripGeo sg = strip_geo(v);
+    const int64_t ch = channels, strips_n = ch / kStrip;
+    std::vector<double> pn(sg.pieces * ch), pmu(sg.pieces * ch), pm2(sg.pieces * ch);
+    at::parallel_for(0, sg.pieces, 1, [&](int64_t b, int64_t e) {
+      C buf[kBlock];
+      std::vector<C> acc(ch), tmean(ch);
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t r0 = p * sg.piece_rows, r1 = std::min(v.outer, r0 + sg.piece_rows);
+        auto sweep = [&](const C* means, int64_t ahead) {
+          std::fill(acc.begin(), acc.end(), C(0));
+          for (int64_t r = r0; r < r1; r += sg.rb) {
+            const int64_t rows = std::min(sg.rb, r1 - r), off = r * ch, m = rows * ch;
+            // ahead: the next block in the first sweep, the next piece in the second (from cache)
+            prefetch(x + off + ahead, std::min(m, v.outer * ch - off - ahead));
+            const C* xv = load(x + off, buf, m);
+            for (int64_t q = 0; q < strips_n; ++q)
+              moments_strip(xv + q * kStrip, rows, ch, means ? means + q * kStrip : nullptr, acc.data() + q * kStrip);
+          }
+        };
+        sweep(nullptr, sg.rb * ch);
+        for (int64_t c = 0; c < ch; ++c) {
+          pn[p * ch + c] = double(r1 - r0);
+          pmu[p * ch + c] = double(acc[c]) / double(r1 - r0);
+          tmean[c] = C(pmu[p * ch + c]);
+        }
+        sweep(tmean.data(), (r1 - r0) * ch);
+        for (int64_t c = 0; c < ch; ++c) pm2[p * ch + c] = acc[c];
+      }
+    });
+    for (int64_t p = 0; p < sg.pieces; ++p)
+      for (int64_t c = 0; c < channels; ++c)
+        merge_moments<double>(n[c], mu[c], m2[c], pn[p * channels + c], pmu[p * channels + c], pm2[p * channels + c]);
   } else {
     // Per piece (a fixed group of units that fits in L2): per-element sums, folded into
     // per-channel means, then per-element squared deviations from those, folded likewise; the
@@ -487,6 +686,17 @@ void forward_impl(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView
     for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
       row_forward(x + off, y + off, len, act, rk[r % v.channels]);
     });
+  } else if (strip_path(v)) {
+    const auto sk = strips<C>(ks);
+    const int64_t ch = v.channels;
+    for_each_row_block(v, [&](int64_t r0, int64_t rows) {
+      StripBufs<C> buf;
+      const int64_t off = r0 * ch, m = rows * ch;
+      const C* xv = load_block(x + off, buf[0], m);
+      prefetch(x + off + m, std::min(m, v.outer * ch - off - m));
+      for (size_t q = 0; q < sk.size(); ++q) fwd_strip(act, xv + q * kStrip, buf[1] + q * kStrip, rows, ch, sk[q]);
+      store_block(buf[1], y + off, m);
+    });
   } else {
     const at::Tensor kt = tiled<C>(ks, v);
     for_each_unit(v, [&](int64_t, int64_t off, int64_t len) {
@@ -515,6 +725,32 @@ void reduce_impl(const S* g, const S* x, int64_t act, const Ks& ks, const Channe
     });
     for (int64_t r = 0; r < rows; ++r)
       for (int q = 0; q < 3; ++q) sums[q * channels + r % channels] += part[3 * r + q];
+  } else if (strip_path(v)) {
+    const auto sk = strips<C>(ks);
+    const StripGeo sg = strip_geo(v);
+    const int64_t ch = channels;
+    std::vector<double> part(3 * sg.pieces * ch, 0.0);  // [piece][3][C]
+    at::parallel_for(0, sg.pieces, 1, [&](int64_t b, int64_t e) {
+      StripBufs<C> buf;
+      std::vector<C> acc(3 * ch);  // [strip][3][kStrip]
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t r0 = p * sg.piece_rows, r1 = std::min(v.outer, r0 + sg.piece_rows);
+        std::fill(acc.begin(), acc.end(), C(0));
+        for (int64_t r = r0; r < r1; r += sg.rb) {
+          const int64_t rows = std::min(sg.rb, r1 - r), off = r * ch, m = rows * ch;
+          const C* gv = load_block(g + off, buf[0], m);
+          const C* xv = load_block(x + off, buf[1], m);
+          prefetch(g + off + m, std::min(m, v.outer * ch - off - m));
+          prefetch(x + off + m, std::min(m, v.outer * ch - off - m));
+          for (size_t q = 0; q < sk.size(); ++q)
+            reduce_strip(act, gv + q * kStrip, xv + q * kStrip, rows, ch, sk[q], acc.data() + 3 * kStrip * q);
+        }
+        for (int64_t c = 0; c < ch; ++c)
+          for (int k = 0; k < 3; ++k) part[(3 * p + k) * ch + c] = acc[3 * kStrip * (c / kStrip) + k * kStrip + c % kStrip];
+      }
+    });
+    for (int64_t p = 0; p < sg.pieces; ++p)
+      for (int64_t i = 0; i < 3 * ch; ++i) sums[i] += part[3 * p * ch + i];
   } else {
     const at::Tensor kt = tiled<C>(ks, v);
     const Pieces pc = pieces_of(v);
@@ -548,6 +784,20 @@ void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const 
     const auto rk = narrow_all<C>(ks);
     for_each_unit(v, [&](int64_t r, int64_t off, int64_t len) {
       row_elemt(g + off, x + off, gi + off, len, act, rk[r % v.channels]);
+    });
+  } else if (strip_path(v)) {
+    const auto sk = strips<C>(ks);
+    const int64_t ch = v.channels;
+    for_each_row_block(v, [&](int64_t r0, int64_t rows) {
+      StripBufs<C> buf;
+      const int64_t off = r0 * ch, m = rows * ch;
+      const C* gv = load_block(g + off, buf[0], m);
+      const C* xv = load_block(x + off, buf[1], m);
+      prefetch(g + off + m, std::min(m, v.outer * ch - off - m));
+      prefetch(x + off + m, std::min(m, v.outer * ch - off - m));
+      for (size_t q = 0; q < sk.size(); ++q)
+        elemt_strip(act, gv + q * kStrip, xv + q * kStrip, buf[2] + q * kStrip, rows, ch, sk[q]);
+      store_block(buf[2], gi + off, m);
     });
   } else {
     const at::Tensor kt = tiled<C>(ks, v);
