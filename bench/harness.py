@@ -131,31 +131,18 @@ def summarize(times: list[float]) -> dict[str, float]:
             "min_ms": ms[0], "max_ms": ms[-1], "calls": len(ms)}
 
 
-_probe_cache: dict[tuple[int, str], dict[str, float]] = {}
-
-
-def bandwidth(size_bytes: int, device: str, timing: Timing) -> dict[str, float]:
-    """GB/s of each access pattern on a float32 tensor of ``size_bytes``, measured now.
-
-    read: best of a few reductions (nothing written); copy: best of ``out.copy_(x)`` and
-    ``torch.neg(x, out=out)`` into a preallocated buffer; inplace: ``x.mul_(1.0)``. Cached per
-    size and device within one process.
-    """
-    key = (size_bytes, device)
-    if key not in _probe_cache:
-        n = max(size_bytes // 4, 1)
-        x = torch.rand(n, device=device)
-        out = torch.empty_like(x)
-        t = partial(_median_s, device=device, timing=timing)
-        secs = {"read": min(t(x.sum), t(x.amax), t(partial(torch.dot, x, x))),
-                "copy": min(t(partial(out.copy_, x)), t(partial(torch.neg, x, out=out))),
-                "inplace": t(partial(x.mul_, 1.0))}
-        _probe_cache[key] = {p: PATTERNS[p] * n * 4 / s / 1e9 for p, s in secs.items()}
-    return _probe_cache[key]
-
-
-def _median_s(fn: Callable[[], Any], *, device: str, timing: Timing) -> float:
-    return statistics.median(time_fn(fn, device=device, **vars(timing)))
+def probes(size_bytes: int, device: str, patterns: Iterable[str]) -> dict[str, Callable[[], Any]]:
+    """Callables whose speed is the bandwidth of each access pattern on a float32 tensor of
+    ``size_bytes``, named "<pattern>/<op>": read: reductions (nothing written); copy:
+    ``out.copy_(x)`` and ``torch.neg(x, out=out)`` into a preallocated buffer; inplace:
+    ``x.mul_(1.0)``. A pattern's bandwidth is that of its fastest op."""
+    n = max(size_bytes // 4, 1)
+    x = torch.rand(n, device=device)
+    out = torch.empty_like(x)
+    ops = {"read": {"sum": x.sum, "amax": x.amax, "dot": partial(torch.dot, x, x)},
+           "copy": {"copy_": partial(out.copy_, x), "neg": partial(torch.neg, x, out=out)},
+           "inplace": {"mul_": partial(x.mul_, 1.0)}}
+    return {f"{p}/{name}": fn for p in patterns for name, fn in ops[p].items()}
 
 
 def with_compile(fns: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
@@ -183,48 +170,68 @@ def forward_backward(fn: Callable[..., Any], args: Iterable[Any], grad: torch.Te
     return call
 
 
+ROUNDS = 5  # contenders and probes are timed in turns: a slow drift of a shared machine hits all alike
+
+
 def run_case(case: Case, timing: Timing, alloc: str, family: str,
              compile: bool = True) -> list[dict[str, Any]]:
-    """Probe bandwidth, time every contender of ``case``; one record per contender."""
+    """Time the case's bandwidth probes and every contender, interleaved in ROUNDS turns (each
+    turn a ROUNDS-th of ``timing``); one record per contender."""
     if compile:
         torch._dynamo.reset()  # fresh compile cache per case: no recompile limit, no dynamic shapes
     base = {"family": family, "case": case.name, "alloc": alloc, **case.params,
             "min_bytes": case.min_bytes, "pattern": case.pattern}
     try:
-        bws = bandwidth(case.size_bytes, case.device, timing)
-        floor_s = case.floor_s(bws)
-        bw = case.min_bytes / floor_s / 1e9  # the effective bandwidth of the case's passes
+        probe_fns = probes(case.size_bytes, case.device, case.passes or [case.pattern])
         contenders = case.setup()
     except Exception as e:  # the library may be mid-build: report it, keep going
         return [{**base, "contender": DLK, "error": f"setup: {type(e).__name__}: {e}"}]
     if not compile:
         contenders.pop(COMPILE, None)
-    records = []
+    records = {name: {**base, "contender": name} for name in contenders}
     for name, fn in contenders.items():
-        rec: dict[str, Any] = {**base, "contender": name, "pattern_gbps": bw}
         try:
             t0 = time.perf_counter()
             fn()  # first call: compilation for torch.compile, lazy init for the others
             _sync(case.device)
-            rec["first_call_s"] = time.perf_counter() - t0
-            times = time_fn(fn, device=case.device, **vars(timing))
-            rec.update(summarize(times), times_ms=[round(t * 1e3, 6) for t in times])
+            records[name]["first_call_s"] = time.perf_counter() - t0
         except Exception as e:
-            rec["error"] = f"{type(e).__name__}: {e}"
-            records.append(rec)
+            records[name]["error"] = f"{type(e).__name__}: {e}"
+    turn = Timing(warmup=1, repeats=-(-timing.repeats // ROUNDS), min_time=timing.min_time / ROUNDS,
+                  max_calls=max(1, timing.max_calls // ROUNDS))
+    fns = {**probe_fns, **{k: f for k, f in contenders.items() if "error" not in records[k]}}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(ROUNDS):
+        for name, fn in fns.items():
+            if name in records and "error" in records[name]:
+                continue
+            warmup = timing.warmup if r == 0 else 1
+            try:
+                times[name] += time_fn(fn, device=case.device, **{**vars(turn), "warmup": warmup})
+            except Exception as e:
+                records[name]["error"] = f"{type(e).__name__}: {e}"
+    n_bytes = max(case.size_bytes // 4, 1) * 4
+    best = {p: min(statistics.median(t) for k, t in times.items() if k.startswith(p + "/"))
+            for p in (case.passes or [case.pattern])}
+    bws = {p: PATTERNS[p] * n_bytes / 1e9 / s for p, s in best.items()}
+    floor_s = case.floor_s(bws)
+    bw = case.min_bytes / floor_s / 1e9  # the effective bandwidth of the case's passes
+    for name, rec in records.items():
+        rec["pattern_gbps"] = bw
+        if "error" in rec:
             continue
+        rec.update(summarize(times[name]), times_ms=[round(t * 1e3, 6) for t in times[name]])
         sec = rec["median_ms"] / 1e3
         rec["gbps"] = case.min_bytes / sec / 1e9
         rec["roofline"] = floor_s / sec
-        records.append(rec)
-    del contenders
+    del contenders, probe_fns, fns
     gc.collect()  # once per case (a full collection takes ~0.3 s once inductor is loaded)
-    medians = {r["contender"]: r["median_ms"] for r in records if "median_ms" in r}
-    for r in records:
+    medians = {r["contender"]: r["median_ms"] for r in records.values() if "median_ms" in r}
+    for r in records.values():
         for key, peer in PEERS.items():
             if peer in medians and "median_ms" in r:
                 r[f"speedup_vs_{key}"] = medians[peer] / r["median_ms"]
-    return records
+    return list(records.values())
 
 
 # ---------------------------------------------------------------------------------- machine
