@@ -27,10 +27,14 @@ constexpr int64_t kRowMin = 64; // shorter inner extents use the tile path
 
 // ---- SIMD loops (compute type T; ACT is a compile-time activation code) ----
 
+// Folds the lanes pairwise (vector adds) down to 8, then adds those: a serial sum of 64 lanes
+// would cost more than a short row's loop.
 template <typename T>
-DLK_INLINE T lane_sum(const T* acc) {
+DLK_INLINE T lane_sum(T* acc) {
+  for (int w = kLanes / 2; w >= 8; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   T s = 0;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (int j = 0; j < 8; ++j) s += acc[j];
   return s;
 }
 
@@ -360,16 +364,35 @@ struct ChannelParams {
   std::vector<double> w, b, slope;
 };
 
-std::vector<double> doubles(const at::Tensor& t) {
-  const at::Tensor d = t.to(at::kDouble).contiguous();
-  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel()};
+// A [C] (or 1-element, broadcast) tensor's values read in place, no tensor ops (they would cost
+// more than the kernels on small inputs); rounded to float first when `as_float`.
+std::vector<double> doubles(const at::Tensor& t, int64_t c, bool as_float = false) {
+  const at::Tensor tc = t.contiguous();
+  std::vector<double> out(c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "dlkernels batch_norm", [&] {
+    const scalar_t* v = tc.const_data_ptr<scalar_t>();
+    const bool one = tc.numel() == 1;
+    for (int64_t i = 0; i < c; ++i) {
+      const double d = double(v[one ? 0 : i]);
+      out[i] = as_float ? double(float(d)) : d;
+    }
+  });
+  return out;
+}
+std::vector<double> doubles(const at::Tensor& t) { return doubles(t, t.numel()); }
+
+// A parameter as the kernels see it (converted to the compute type), or `fill` where absent.
+std::vector<double> param_values(const std::optional<at::Tensor>& t, const at::Tensor& x, double fill) {
+  const bool as_float = acc_type(x) == at::kFloat;
+  if (!t) return std::vector<double>(x.size(1), as_float ? double(float(fill)) : fill);
+  return doubles(*t, x.size(1), as_float);
 }
 
 ChannelParams channel_params(const at::Tensor& x, const std::optional<at::Tensor>& w,
                              const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
                              int64_t act, double slope) {
-  ChannelParams p{doubles(channel_values(w, x, 1.0)), doubles(channel_values(b, x, 0.0)), {}};
-  p.slope = act == kActPrelu ? doubles(channel_values(prelu_w, x, 0.0))
+  ChannelParams p{param_values(w, x, 1.0), param_values(b, x, 0.0), {}};
+  p.slope = act == kActPrelu ? param_values(prelu_w, x, 0.0)
                              : std::vector<double>(x.size(1), act == kActLeakyRelu ? slope : 0.0);
   return p;
 }
