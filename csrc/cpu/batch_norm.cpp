@@ -1,8 +1,11 @@
 // Batch norm fused with an activation on the CPU. Memory is seen as [outer, C, inner]
-// (prep.h): with a long inner extent (NCHW) the loops run row by row with per-channel scalars;
-// with a short one (channels_last, 2-D input) they run over [C, inner] tiles with per-element
-// constant vectors, so both layouts read memory contiguously without a layout copy.
+// (prep.h), read contiguously in every layout without a layout copy, by one of three paths:
+// - row path, a long inner extent (NCHW): row by row, per-channel scalars;
+// - strip path, inner == 1 (channels_last, 2-D input) with C % 16 == 0: blocks of whole rows of C
+//   channels, walked 16 channels at a time with their constants and sums in registers;
+// - tile path, any other short inner extent: [C, inner] tiles with per-element constant vectors.
 // Statistics: two passes over an L1-resident block, blocks merged with Chan's formula in double.
+// Reductions use fixed pieces independent of the thread count: results are deterministic.
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/Dispatch.h>
