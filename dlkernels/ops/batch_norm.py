@@ -208,5 +208,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     """torch's update: the running variance takes the unbiased batch variance."""
     with torch.no_grad():
         unbiased = var * (count / max(count - 1, 1))
-        running_mean.copy_(mean * momentum + running_mean * (1 - momentum))
-        running_var.copy_(unbiased * momentum + running_var * (1 - momentum))
+        if isinstance(momentum, Tensor):  # momentum=None's cumulative factor
+            running_mean.copy_(mean * momentum + running_mean * (1 - momentum))
+            running_var.copy_(unbiased * momentum + running_var * (1 - momentum))
+        else:  # one op for both buffers: on small inputs these ops cost more than the kernels
+            torch._foreach_lerp_([running_mean, running_var],
+                                 [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum)
