@@ -243,6 +243,24 @@ def test_gradcheck_float64(backend, act, shape):
             assert torch.autograd.gradcheck(fn, (x, w, b, p))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [((6, 5), "contiguous"), ((4, 3, 70), "contiguous"), ((8, 32, 3, 3), "channels_last"),
+                                  ((5, 3, 4, 4), "channels_last")], ids=str)
+def test_batch_mean_within_an_ulp(backend, case):
+    """A batch mean off by an ulp is a systematic error that the backward multiplies by mean(grad),
+    so the statistics must be as good as torch's (which sums in double): within one float32 ulp."""
+    shape, layout = case
+    for seed in range(5):
+        x = make_input(shape, torch.float32, layout, seed)
+        with dlkernels.use_backend(backend):
+            _, mean, _, var = torch.ops.dlkernels.batch_norm_act_train(x, None, None, None, 1e-5, 0, 0.0)
+        dims = [d for d in range(x.dim()) if d != 1]
+        exact = x.double().mean(dims)
+        ulp = (exact.float().abs().nextafter(torch.tensor(float("inf"))) - exact.float().abs()).double()
+        assert ((mean.double() - exact).abs() <= ulp).all(), (seed, (mean.double() - exact).abs() / ulp)
+        torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
 def test_opcheck(backend):
     ops = torch.ops.dlkernels

@@ -41,7 +41,10 @@ DLK_INLINE T lane_sum(T* acc) {
   return s;
 }
 
-// Mean and M2 of one block, two passes (the block is in L1 for the second).
+// Mean, M2 and residual of one block, two passes (the block is in L1 for the second). The
+// residual r = sum(x - mean) makes it the corrected two-pass algorithm: the caller takes
+// mean + r / n (in double) and M2 - r^2 / n, which removes the float rounding of the first sum
+// (a mean off by an ulp is a systematic error the backward multiplies by mean(grad)).
 template <typename T>
 DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
   T acc[kLanes] = {};
@@ -50,16 +53,23 @@ DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
     for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
   for (; i < n; ++i) acc[0] += x[i];
   const T mean = lane_sum(acc) / T(n);
-  T acc2[kLanes] = {};
+  T acc2[kLanes] = {}, acc3[kLanes] = {};
   for (i = 0; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc2[j] += (x[i + j] - mean) * (x[i + j] - mean);
+    for (int j = 0; j < kLanes; ++j) {
+      acc2[j] += (x[i + j] - mean) * (x[i + j] - mean);
+      acc3[j] += x[i + j] - mean;
+    }
     // the block after this one (the next row's, at a row's end): DRAM keeps streaming while
     // this pass runs from L1; a prefetch past the end of the data does not fault
     for (int j = 0; j < kLanes; j += 64 / int(sizeof(T))) __builtin_prefetch(x + n + i + j);
   }
-  for (; i < n; ++i) acc2[0] += (x[i] - mean) * (x[i] - mean);
+  for (; i < n; ++i) {
+    acc2[0] += (x[i] - mean) * (x[i] - mean);
+    acc3[0] += x[i] - mean;
+  }
   out[0] = mean;
   out[1] = lane_sum(acc2);
+  out[2] = lane_sum(acc3);
 }
 DLK_CLONES void block_moments(const float* x, int64_t n, float* out) { block_moments_body(x, n, out); }
 DLK_CLONES void block_moments(const double* x, int64_t n, double* out) { block_moments_body(x, n, out); }
@@ -108,11 +118,14 @@ DLK_INLINE void col_sum_body(const T* x, T* acc, int64_t n) {
 DLK_CLONES void col_sum(const float* x, float* acc, int64_t n) { col_sum_body(x, acc, n); }
 DLK_CLONES void col_sum(const double* x, double* acc, int64_t n) { col_sum_body(x, acc, n); }
 template <typename T>
-DLK_INLINE void col_sq_dev_body(const T* x, const T* mean, T* acc, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
+DLK_INLINE void col_sq_dev_body(const T* x, const T* mean, T* acc, T* res, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] += (x[i] - mean[i]) * (x[i] - mean[i]);
+    res[i] += x[i] - mean[i];
+  }
 }
-DLK_CLONES void col_sq_dev(const float* x, const float* m, float* acc, int64_t n) { col_sq_dev_body(x, m, acc, n); }
-DLK_CLONES void col_sq_dev(const double* x, const double* m, double* acc, int64_t n) { col_sq_dev_body(x, m, acc, n); }
+DLK_CLONES void col_sq_dev(const float* x, const float* m, float* acc, float* res, int64_t n) { col_sq_dev_body(x, m, acc, res, n); }
+DLK_CLONES void col_sq_dev(const double* x, const double* m, double* acc, double* res, int64_t n) { col_sq_dev_body(x, m, acc, res, n); }
 
 // Per-channel constants, as scalars (row path) or as pointers to per-element vectors (tile path).
 template <typename T>
@@ -181,22 +194,23 @@ DLK_INLINE void reduce_vec_body(const T* R g, const T* R x, int64_t n, const T* 
   }
 }
 
-// grad_input = k1 * dz + ka * x + kc  (the batch-statistics terms folded per channel).
+// grad_input = k1 * dz + ka * (x - mean) + kc  (the batch-statistics terms folded per channel;
+// x - mean first: folding mean into kc would cancel catastrophically when |mean| >> std).
 template <int ACT, typename T>
 DLK_INLINE void elemt_row_body(const T* R g, const T* R x, T* R gi, int64_t n, const RowK<T>& k) {
-  const T scale = k.scale, shift = k.shift, slope = k.slope, k1 = k.k1, ka = k.ka, kc = k.kc;
+  const T scale = k.scale, shift = k.shift, slope = k.slope, mean = k.mean, k1 = k.k1, ka = k.ka, kc = k.kc;
   for (int64_t i = 0; i < n; ++i) {
     const T dz = act_bwd(ACT, g[i], x[i] * scale + shift, slope);
-    gi[i] = k1 * dz + ka * x[i] + kc;
+    gi[i] = k1 * dz + ka * (x[i] - mean) + kc;
   }
 }
 template <int ACT, typename T>
 DLK_INLINE void elemt_vec_body(const T* R g, const T* R x, T* R gi, int64_t n, const T* R scale,
-                               const T* R shift, const T* R slope, const T* R k1, const T* R ka,
-                               const T* R kc) {
+                               const T* R shift, const T* R slope, const T* R mean, const T* R k1,
+                               const T* R ka, const T* R kc) {
   for (int64_t i = 0; i < n; ++i) {
     const T dz = act_bwd(ACT, g[i], x[i] * scale[i] + shift[i], slope[i]);
-    gi[i] = k1[i] * dz + ka[i] * x[i] + kc[i];
+    gi[i] = k1[i] * dz + ka[i] * (x[i] - mean[i]) + kc[i];
   }
 }
 
@@ -241,27 +255,33 @@ DLK_INLINE void reduce_strip_body(const T* R g, const T* R x, int64_t rows, int6
 
 template <int ACT, typename T>
 DLK_INLINE void elemt_strip_body(const T* R g, const T* R x, T* R gi, int64_t rows, int64_t ld, const StripK<T>& k) {
-  T sc[kStrip], sh[kStrip], sl[kStrip], k1[kStrip], ka[kStrip], kc[kStrip];
-  for (int j = 0; j < kStrip; ++j)
-    sc[j] = k.scale[j], sh[j] = k.shift[j], sl[j] = k.slope[j], k1[j] = k.k1[j], ka[j] = k.ka[j], kc[j] = k.kc[j];
+  T sc[kStrip], sh[kStrip], sl[kStrip], mu[kStrip], k1[kStrip], ka[kStrip], kc[kStrip];
+  for (int j = 0; j < kStrip; ++j) {
+    sc[j] = k.scale[j], sh[j] = k.shift[j], sl[j] = k.slope[j], mu[j] = k.mean[j];
+    k1[j] = k.k1[j], ka[j] = k.ka[j], kc[j] = k.kc[j];
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int j = 0; j < kStrip; ++j) {
       const T xv = x[r * ld + j];
-      gi[r * ld + j] = k1[j] * act_bwd(ACT, g[r * ld + j], xv * sc[j] + sh[j], sl[j]) + ka[j] * xv + kc[j];
+      gi[r * ld + j] = k1[j] * act_bwd(ACT, g[r * ld + j], xv * sc[j] + sh[j], sl[j]) + ka[j] * (xv - mu[j]) + kc[j];
     }
 }
 
-// Statistics: s[j] += x (mean == nullptr), or s[j] += (x - mean[j])^2.
+// Statistics: s[j] += x (mean == nullptr), or s[j] += (x - mean[j])^2 and res[j] += x - mean[j].
 template <typename T>
-DLK_INLINE void moments_strip_body(const T* R x, int64_t rows, int64_t ld, const T* R mean, T* R s) {
-  T a[kStrip], mu[kStrip];
-  for (int j = 0; j < kStrip; ++j) a[j] = s[j], mu[j] = mean ? mean[j] : T(0);
+DLK_INLINE void moments_strip_body(const T* R x, int64_t rows, int64_t ld, const T* R mean, T* R s, T* R res) {
+  T a[kStrip], b[kStrip], mu[kStrip];
+  for (int j = 0; j < kStrip; ++j) a[j] = s[j], b[j] = mean ? res[j] : T(0), mu[j] = mean ? mean[j] : T(0);
   if (mean == nullptr) {
     for (int64_t r = 0; r < rows; ++r)
       for (int j = 0; j < kStrip; ++j) a[j] += x[r * ld + j];
   } else {
     for (int64_t r = 0; r < rows; ++r)
-      for (int j = 0; j < kStrip; ++j) a[j] += (x[r * ld + j] - mu[j]) * (x[r * ld + j] - mu[j]);
+      for (int j = 0; j < kStrip; ++j) {
+        a[j] += (x[r * ld + j] - mu[j]) * (x[r * ld + j] - mu[j]);
+        b[j] += x[r * ld + j] - mu[j];
+      }
+    for (int j = 0; j < kStrip; ++j) res[j] = b[j];
   }
   for (int j = 0; j < kStrip; ++j) s[j] = a[j];
 }
@@ -321,7 +341,7 @@ DLK_INLINE void elemt_row_dispatch(int act, const T* g, const T* x, T* gi, int64
 }
 template <typename T>
 DLK_INLINE void elemt_vec_dispatch(int act, const T* g, const T* x, T* gi, int64_t n, const VecK<T>& k) {
-#define CALL(A) elemt_vec_body<A>(g, x, gi, n, k.scale, k.shift, k.slope, k.k1, k.ka, k.kc)
+#define CALL(A) elemt_vec_body<A>(g, x, gi, n, k.scale, k.shift, k.slope, k.mean, k.k1, k.ka, k.kc)
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
@@ -356,8 +376,8 @@ DLK_CLONES void reduce_strip(int act, const float* g, const float* x, int64_t ro
 DLK_CLONES void reduce_strip(int act, const double* g, const double* x, int64_t rows, int64_t ld, const StripK<double>& k, double* s) { reduce_strip_dispatch(act, g, x, rows, ld, k, s); }
 DLK_CLONES void elemt_strip(int act, const float* g, const float* x, float* gi, int64_t rows, int64_t ld, const StripK<float>& k) { elemt_strip_dispatch(act, g, x, gi, rows, ld, k); }
 DLK_CLONES void elemt_strip(int act, const double* g, const double* x, double* gi, int64_t rows, int64_t ld, const StripK<double>& k) { elemt_strip_dispatch(act, g, x, gi, rows, ld, k); }
-DLK_CLONES void moments_strip(const float* x, int64_t rows, int64_t ld, const float* mean, float* s) { moments_strip_body(x, rows, ld, mean, s); }
-DLK_CLONES void moments_strip(const double* x, int64_t rows, int64_t ld, const double* mean, double* s) { moments_strip_body(x, rows, ld, mean, s); }
+DLK_CLONES void moments_strip(const float* x, int64_t rows, int64_t ld, const float* mean, float* s, float* res) { moments_strip_body(x, rows, ld, mean, s, res); }
+DLK_CLONES void moments_strip(const double* x, int64_t rows, int64_t ld, const double* mean, double* s, double* res) { moments_strip_body(x, rows, ld, mean, s, res); }
 
 // ---- per-channel constants (computed in double, once per call or per channel) ----
 
@@ -400,7 +420,7 @@ ChannelParams channel_params(const at::Tensor& x, const std::optional<at::Tensor
   return p;
 }
 
-// Constants of channel c from its mean and invstd. grad_input = k1 * dz + ka * x + kc folds the
+// Constants of channel c from its mean and invstd. grad_input = k1 * dz + ka * (x - mean) + kc folds the
 // batch-statistics terms of the sums (sum dz, sum dz * xhat over `count` elements), when given.
 RowK<double> channel_k(const ChannelParams& p, int64_t c, double mean, double invstd,
                        const double* sum_dz = nullptr, const double* sum_dz_xhat = nullptr, double count = 1) {
@@ -414,7 +434,7 @@ RowK<double> channel_k(const ChannelParams& p, int64_t c, double mean, double in
   if (sum_dz != nullptr) {
     const double k2 = k.scale * *sum_dz / count, k3 = k.scale * *sum_dz_xhat / count;
     k.ka = -k3 * invstd;
-    k.kc = k3 * mean * invstd - k2;
+    k.kc = -k2;
   }
   return k;
 }
@@ -485,13 +505,14 @@ VecK<C> vec_consts(const at::Tensor& table, int64_t off) {
 // (mean, M2) of a row: L1 blocks merged in double.
 template <typename S>
 void row_moments(const S* x, int64_t len, double& mu, double& m2) {
-  compute_t<S> buf[kBlock], mom[2];
+  compute_t<S> buf[kBlock], mom[3];
   double n = 0;
   mu = m2 = 0;
   for (int64_t i = 0; i < len; i += kBlock) {
     const int64_t m = std::min(kBlock, len - i);
     block_moments(load(x + i, buf, m), m, mom);
-    merge_moments<double>(n, mu, m2, double(m), mom[0], mom[1]);
+    const double r = mom[2];
+    merge_moments<double>(n, mu, m2, double(m), double(mom[0]) + r / double(m), double(mom[1]) - r * r / double(m));
   }
 }
 
@@ -621,18 +642,20 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
     std::vector<double> pn(sg.pieces * ch), pmu(sg.pieces * ch), pm2(sg.pieces * ch);
     at::parallel_for(0, sg.pieces, 1, [&](int64_t b, int64_t e) {
       C buf[kBlock];
-      std::vector<C> acc(ch), tmean(ch);
+      std::vector<C> acc(ch), res(ch), tmean(ch);
       for (int64_t p = b; p < e; ++p) {
         const int64_t r0 = p * sg.piece_rows, r1 = std::min(v.outer, r0 + sg.piece_rows);
         auto sweep = [&](const C* means, int64_t ahead) {
           std::fill(acc.begin(), acc.end(), C(0));
+          std::fill(res.begin(), res.end(), C(0));
           for (int64_t r = r0; r < r1; r += sg.rb) {
             const int64_t rows = std::min(sg.rb, r1 - r), off = r * ch, m = rows * ch;
             // ahead: the next block in the first sweep, the next piece in the second (from cache)
             prefetch(x + off + ahead, std::min(m, v.outer * ch - off - ahead));
             const C* xv = load(x + off, buf, m);
             for (int64_t q = 0; q < strips_n; ++q)
-              moments_strip(xv + q * kStrip, rows, ch, means ? means + q * kStrip : nullptr, acc.data() + q * kStrip);
+              moments_strip(xv + q * kStrip, rows, ch, means ? means + q * kStrip : nullptr, acc.data() + q * kStrip,
+                            res.data() + q * kStrip);
           }
         };
         sweep(nullptr, sg.rb * ch);
@@ -642,7 +665,11 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
           tmean[c] = C(pmu[p * ch + c]);
         }
         sweep(tmean.data(), (r1 - r0) * ch);
-        for (int64_t c = 0; c < ch; ++c) pm2[p * ch + c] = acc[c];
+        for (int64_t c = 0; c < ch; ++c) {  // the corrected two-pass algorithm (see block_moments)
+          const double r = res[c], cnt = double(r1 - r0);
+          pmu[p * ch + c] = double(tmean[c]) + r / cnt;
+          pm2[p * ch + c] = double(acc[c]) - r * r / cnt;
+        }
       }
     });
     for (int64_t p = 0; p < sg.pieces; ++p)
@@ -658,8 +685,8 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
     std::vector<double> pn(pc.count * channels), pmu(pc.count * channels), pm2(pc.count * channels);
     at::parallel_for(0, pc.count, 1, [&](int64_t b, int64_t e) {
       C buf[kBlock];
-      std::vector<C> acc(pc.len), tmean(pc.len);  // tmean: channel means laid out as the unit
-      std::vector<double> sum(channels);
+      std::vector<C> acc(pc.len), res(pc.len), tmean(pc.len);  // tmean: channel means laid out as the unit
+      std::vector<double> sum(channels), rsum(channels);
       for (int64_t p = b; p < e; ++p) {
         const int64_t u0 = p * pc.per_piece, u1 = std::min(pc.units, u0 + pc.per_piece);
         const int64_t last_len = std::min(pc.len, total - (u1 - 1) * pc.len);  // short: last unit only
@@ -689,9 +716,17 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
         for (int64_t t = 0; t < tile; ++t) tmean[t] = C(mu_p[t / v.inner]);
         for (int64_t r = tile; r < pc.len; r += tile) std::copy_n(tmean.begin(), tile, tmean.begin() + r);
         std::fill(acc.begin(), acc.end(), C(0));
-        sweep((u1 - u0) * pc.len,
-              [&](const C* xv, int64_t j, int64_t m) { col_sq_dev(xv, tmean.data() + j, acc.data() + j, m); });
+        std::fill(res.begin(), res.end(), C(0));
+        sweep((u1 - u0) * pc.len, [&](const C* xv, int64_t j, int64_t m) {
+          col_sq_dev(xv, tmean.data() + j, acc.data() + j, res.data() + j, m);
+        });
         fold_to_channels(acc.data(), pc.len, v, m2_p);
+        std::fill(rsum.begin(), rsum.end(), 0.0);
+        fold_to_channels(res.data(), pc.len, v, rsum.data());
+        for (int64_t c = 0; c < channels; ++c) {  // the corrected two-pass algorithm (see block_moments)
+          mu_p[c] = double(tmean[c * v.inner]) + rsum[c] / n_p[c];
+          m2_p[c] -= rsum[c] * rsum[c] / n_p[c];
+        }
       }
     });
     for (int64_t p = 0; p < pc.count; ++p)
