@@ -13,6 +13,7 @@
 #include <ATen/ops/from_blob.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -589,12 +590,24 @@ StripGeo strip_geo(const ChannelView& v) {
   return {rb, piece_rows, (v.outer + piece_rows - 1) / piece_rows};
 }
 
-// body(first row, rows) for each block, in parallel.
-template <typename F>
-void for_each_row_block(const ChannelView& v, F&& body) {
-  const int64_t rb = strip_geo(v).rb, blocks = (v.outer + rb - 1) / rb;
+// An elementwise pass of the strip path, block by block in parallel: the N inputs copied into L1
+// buffers (the next block prefetched), compute(inputs, out_buffer, rows) run over the strips, the
+// buffer stored to `out`.
+template <typename S, size_t N, typename F>
+void strip_pass(const ChannelView& v, const std::array<const S*, N>& in, S* out, F&& compute) {
+  static_assert(N < 3, "StripBufs holds N inputs and the output");
+  using C = compute_t<S>;
+  const int64_t ch = v.channels, rb = strip_geo(v).rb, blocks = (v.outer + rb - 1) / rb;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kBlock), [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) body(q * rb, std::min(rb, v.outer - q * rb));
+    StripBufs<C> buf;
+    std::array<const C*, N> iv;
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t rows = std::min(rb, v.outer - q * rb), off = q * rb * ch, m = rows * ch;
+      for (size_t i = 0; i < N; ++i) iv[i] = load_block(in[i] + off, buf[i], m);
+      for (size_t i = 0; i < N; ++i) prefetch(in[i] + off + m, std::min(m, v.outer * ch - off - m));
+      compute(iv, buf[N], rows);
+      store_block(buf[N], out + off, m);
+    }
   });
 }
 
@@ -749,14 +762,9 @@ void forward_impl(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView
     });
   } else if (strip_path(v)) {
     const auto sk = strips<C>(ks);
-    const int64_t ch = v.channels;
-    for_each_row_block(v, [&](int64_t r0, int64_t rows) {
-      StripBufs<C> buf;
-      const int64_t off = r0 * ch, m = rows * ch;
-      const C* xv = load_block(x + off, buf[0], m);
-      prefetch(x + off + m, std::min(m, v.outer * ch - off - m));
-      for (size_t q = 0; q < sk.size(); ++q) fwd_strip(act, xv + q * kStrip, buf[1] + q * kStrip, rows, ch, sk[q]);
-      store_block(buf[1], y + off, m);
+    strip_pass<S, 1>(v, {x}, y, [&](const auto& in, C* o, int64_t rows) {
+      for (size_t q = 0; q < sk.size(); ++q)
+        fwd_strip(act, in[0] + q * kStrip, o + q * kStrip, rows, v.channels, sk[q]);
     });
   } else {
     const at::Tensor kt = tiled<C>(ks, v);
@@ -848,17 +856,9 @@ void elemt_impl(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const 
     });
   } else if (strip_path(v)) {
     const auto sk = strips<C>(ks);
-    const int64_t ch = v.channels;
-    for_each_row_block(v, [&](int64_t r0, int64_t rows) {
-      StripBufs<C> buf;
-      const int64_t off = r0 * ch, m = rows * ch;
-      const C* gv = load_block(g + off, buf[0], m);
-      const C* xv = load_block(x + off, buf[1], m);
-      prefetch(g + off + m, std::min(m, v.outer * ch - off - m));
-      prefetch(x + off + m, std::min(m, v.outer * ch - off - m));
+    strip_pass<S, 2>(v, {g, x}, gi, [&](const auto& in, C* o, int64_t rows) {
       for (size_t q = 0; q < sk.size(); ++q)
-        elemt_strip(act, gv + q * kStrip, xv + q * kStrip, buf[2] + q * kStrip, rows, ch, sk[q]);
-      store_block(buf[2], gi + off, m);
+        elemt_strip(act, in[0] + q * kStrip, in[1] + q * kStrip, o + q * kStrip, rows, v.channels, sk[q]);
     });
   } else {
     const at::Tensor kt = tiled<C>(ks, v);
