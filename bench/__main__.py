@@ -1,7 +1,9 @@
-"""``python -m bench [--quick] [--only FAMILY[,FAMILY]] [--alloc both|default|reuse] [--no-compile]``
+"""``python -m bench [--quick] [--only FAMILY[,FAMILY]] [--alloc both|default|reuse] [--no-compile]
+[--cpu-capability auto|LEVEL[,LEVEL]]``
 
-Runs every ``bench/bench_<family>.py``. Each allocator setting runs in its own subprocess (the
-setting is process-wide and cannot be fully undone), then the results are merged into
+Runs every ``bench/bench_<family>.py``. Each allocator setting and each CPU SIMD level runs in its
+own subprocess (both are process-wide: the allocator setting cannot be fully undone, and the
+extension reads DLK_CPU_CAPABILITY when it loads), then the results are merged into
 ``bench/results/<family>.{json,csv,png}`` and printed as a table.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="allocator settings to run (each in its own subprocess)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--cpu-capability", default="auto",
+                   help="CPU SIMD levels to run (default, avx2, avx512; comma-separated): 'auto' is the CPU's best "
+                        "level, plus avx2 when that is avx512")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one family, one setting
@@ -38,9 +44,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(FAMILIES)
     if unknown:
         p.error(f"unknown families {sorted(unknown)}; have {FAMILIES}")
+    args.cpu_capability = _levels(args.cpu_capability, p)
     if args.worker and (args.alloc == "both" or args.worker_out is None):
         p.error("--worker needs one --alloc setting and --worker-out")
     return args
+
+
+def _levels(spec: str, p: argparse.ArgumentParser) -> list[str]:
+    """The SIMD levels to run, each one the CPU supports (a higher one would fall back silently)."""
+    from dlkernels import _backend
+
+    if _backend._C is None:
+        return ["none"]
+    known = _backend.CPU_CAPABILITIES
+    native = _backend._C.cpu.native_capability()
+    if spec == "auto":
+        return [native] + (["avx2"] if native == "avx512" else [])
+    levels = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [lv for lv in levels if lv not in known or known.index(lv) > known.index(native)]
+    if bad:
+        p.error(f"--cpu-capability {bad}: this CPU runs {', '.join(known[:known.index(native) + 1])}")
+    return levels
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -68,7 +92,10 @@ def _worker(args: argparse.Namespace) -> None:
         reused = large_allocations_reused()
     except Exception:
         reused = None
-    out = {"machine": harness.machine_info(args.device), "records": records,
+    machine = harness.machine_info(args.device)
+    for r in records:
+        r["simd"] = machine["dlkernels_simd"]
+    out = {"machine": machine, "records": records,
            "allocator": {"setting": args.alloc, "label": harness.ALLOC_LABELS[args.alloc],
                          "large_allocations_reused": reused}}
     args.worker_out.write_text(json.dumps(out, default=str))
@@ -77,23 +104,27 @@ def _worker(args: argparse.Namespace) -> None:
 def _run_family(family: str, args: argparse.Namespace, allocs: list[str]) -> dict:
     """Run ``family`` once per allocator setting, each in a subprocess; merge the results."""
     merged: dict = {"family": family, "options": {"quick": args.quick, "compile": not args.no_compile,
-                                                  "device": args.device, "threads": args.threads},
+                                                  "device": args.device, "threads": args.threads,
+                                                  "cpu_capability": args.cpu_capability},
                     "allocators": {}, "machine": {}, "records": []}
     with tempfile.TemporaryDirectory() as tmp:
         for alloc in allocs:
-            out = Path(tmp) / f"{alloc}.json"
-            cmd = [sys.executable, "-m", "bench", "--worker", family, "--worker-out", str(out),
-                   "--alloc", alloc, "--device", args.device]
-            cmd += ["--quick"] * args.quick + ["--no-compile"] * args.no_compile
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, cwd=HERE.parent)
-            if proc.returncode != 0:
-                raise SystemExit(f"bench worker {family} [alloc={alloc}] failed, exit code {proc.returncode}")
-            part = json.loads(out.read_text())
-            merged["machine"] = part["machine"]
-            merged["allocators"][alloc] = part["allocator"]
-            merged["records"] += part["records"]
+            for level in args.cpu_capability:
+                out = Path(tmp) / f"{alloc}-{level}.json"
+                cmd = [sys.executable, "-m", "bench", "--worker", family, "--worker-out", str(out),
+                       "--alloc", alloc, "--device", args.device, "--cpu-capability", level]
+                cmd += ["--quick"] * args.quick + ["--no-compile"] * args.no_compile
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                env = dict(os.environ, DLK_CPU_CAPABILITY=level)
+                proc = subprocess.run(cmd, cwd=HERE.parent, env=env)
+                if proc.returncode != 0:
+                    raise SystemExit(f"bench worker {family} [alloc={alloc}, simd={level}] failed, "
+                                     f"exit code {proc.returncode}")
+                part = json.loads(out.read_text())
+                merged["machine"] = part["machine"]
+                merged["allocators"][alloc] = part["allocator"]
+                merged["records"] += part["records"]
     return merged
 
 
@@ -113,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         m = merged["machine"]
         print(f"\n== {family}: {m['cpu']}, {m['torch_threads']} threads (load {m['loadavg_1min']:.1f}), "
               f"torch {m['torch']}, dlkernels backend {m['dlkernels_backend']} "
-              f"(SIMD {m['dlkernels_simd']}), git {m['git_revision']}")
+              f"(SIMD levels run: {', '.join(args.cpu_capability)}; CPU's best: {m.get('cpu_native_simd')}), "
+              f"git {m['git_revision']}")
         for alloc in allocs:
             print(f"   alloc={alloc}: {harness.ALLOC_LABELS[alloc]}")
         print(harness.table(merged["records"]))

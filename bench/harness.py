@@ -280,7 +280,8 @@ def machine_info(device: str) -> dict[str, Any]:
         info["dlkernels_backend"] = f"unknown ({type(e).__name__}: {e})"
     try:
         from dlkernels import _C
-        info["dlkernels_simd"] = _C.cpu.simd_path()
+        info["dlkernels_simd"] = _C.cpu.capability()
+        info["cpu_native_simd"] = _C.cpu.native_capability()
     except Exception:
         info["dlkernels_simd"] = None
     return info
@@ -288,7 +289,7 @@ def machine_info(device: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- output
 
-CSV_FIRST = ["family", "case", "alloc", "contender", "median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms",
+CSV_FIRST = ["family", "case", "alloc", "simd", "contender", "median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms",
              "max_ms", "calls", "gbps", "pattern", "pattern_gbps", "roofline", "speedup_vs_eager",
              "speedup_vs_compile", "first_call_s", "min_bytes"]
 
@@ -309,6 +310,12 @@ def write_results(family: str, merged: dict[str, Any], out_dir: Path = RESULTS) 
     return paths
 
 
+def _plot_label(records: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
+    """A case's label in the plot: its name, and its SIMD level when several levels ran."""
+    several = len({r.get("simd") for r in records}) > 1
+    return lambda r: f"{r['case']} [{r.get('simd')}]" if several else r["case"]
+
+
 def plot(family: str, records: list[dict[str, Any]], path: Path) -> None:
     """Grouped horizontal bars: dlkernels' speedup vs each peer per case, a panel per allocator."""
     import matplotlib
@@ -317,12 +324,13 @@ def plot(family: str, records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     allocs = [a for a in ALLOC_SETTINGS if any(r["alloc"] == a for r in records)]
-    cases = list(dict.fromkeys(r["case"] for r in records))
+    label = _plot_label(records)
+    cases = list(dict.fromkeys(label(r) for r in records))
     fig, axes = plt.subplots(1, len(allocs), figsize=(6.5 * len(allocs), 0.45 * len(cases) + 1.8),
                              sharey=True, squeeze=False)
     height = 0.8 / len(PEERS)
     for ax, alloc in zip(axes[0], allocs, strict=True):
-        dlk = {r["case"]: r for r in records if r["alloc"] == alloc and r["contender"] == DLK}
+        dlk = {label(r): r for r in records if r["alloc"] == alloc and r["contender"] == DLK}
         for i, (key, peer) in enumerate(PEERS.items()):
             vals = [dlk.get(c, {}).get(f"speedup_vs_{key}", 0.0) for c in cases]
             ys = [j + (i - (len(PEERS) - 1) / 2) * height for j in range(len(cases))]
@@ -345,14 +353,14 @@ def _fmt(v: Any, spec: str) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     """A plain-text table of every record, grouped by allocator setting and case."""
-    head = ["alloc", "case", "contender", "median ms", "IQR ms", "GB/s", "roofline", "x eager", "x compile",
+    head = ["alloc", "simd", "case", "contender", "median ms", "IQR ms", "GB/s", "roofline", "x eager", "x compile",
             "compile s"]
     rows = []
     for r in records:
         if "error" in r:
-            rows.append([r["alloc"], r["case"], r["contender"], "ERROR: " + r["error"][:100]])
+            rows.append([r["alloc"], r.get("simd", "-"), r["case"], r["contender"], "ERROR: " + r["error"][:100]])
             continue
-        rows.append([r["alloc"], r["case"], r["contender"], _fmt(r["median_ms"], ".3f"),
+        rows.append([r["alloc"], r.get("simd", "-"), r["case"], r["contender"], _fmt(r["median_ms"], ".3f"),
                      _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["roofline"], ".0%"),
                      _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compile"), ".2f"),
                      _fmt(r["first_call_s"], ".1f") if r["contender"] == COMPILE else ""])

@@ -73,7 +73,6 @@ namespace dlk::cpu {
 DLK_ACTIVATION_API
 DLK_BATCH_NORM_API
 DLK_OPTIM_API
-const char* simd_path();
 }  // namespace dlk::cpu
 
 #ifdef DLK_WITH_CUDA

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "api.h"
+#include "cpu/simd.h"
 
 #define DLK_BIND_ACTIVATION(m, ns)                                                       \
   m.def("leaky_relu", &ns::leaky_relu, py::arg("input"), py::arg("negative_slope"));     \
@@ -44,7 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   DLK_BIND_ACTIVATION(cpu, dlk::cpu)
   DLK_BIND_BATCH_NORM(cpu, dlk::cpu)
   DLK_BIND_OPTIM(cpu, dlk::cpu)
-  cpu.def("simd_path", &dlk::cpu::simd_path, "ISA level of the kernel clones chosen for this CPU");
+  cpu.def("capability", [] { return dlk::cpu::capability_name(dlk::cpu::capability()); },
+          "SIMD level the CPU kernels run at: avx512, avx2 or default (DLK_CPU_CAPABILITY lowers it)");
+  cpu.def("native_capability", [] { return dlk::cpu::capability_name(dlk::cpu::native_capability()); },
+          "the best SIMD level this CPU supports");
 
   py::dict info;
 #ifdef DLK_WITH_CUDA

@@ -3,6 +3,7 @@ self-check of every usable backend against the reference implementation."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -103,7 +104,9 @@ def main() -> int:
         info = _backend._C.build_info
         print(f"extension: {_backend._C.__file__}\n  CUDA kernels: {info['cuda']}"
               f" (arch list {info['cuda_arch_list'] or '-'}), OpenMP: {info['openmp']},"
-              f" CPU SIMD path: {_backend._C.cpu.simd_path()}, threads: {torch.get_num_threads()}")
+              f" CPU SIMD path: {_backend._C.cpu.capability()} (this CPU: {_backend._C.cpu.native_capability()};"
+              f" DLK_CPU_CAPABILITY={os.environ.get('DLK_CPU_CAPABILITY', 'unset')}),"
+              f" threads: {torch.get_num_threads()}")
     print("backends:")
     status = dlkernels.available_backends()
     for name in dlkernels.BACKENDS:

@@ -38,6 +38,30 @@ except ImportError as e:  # a source checkout without a build, or a broken build
         stacklevel=2,
     )
 
+# SIMD levels of the CPU kernels, lowest first; DLK_CPU_CAPABILITY=<level> (read by the extension
+# when it loads, like torch's ATEN_CPU_CAPABILITY) runs a lower level than the CPU's best.
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def _check_cpu_capability() -> None:
+    """Warn when DLK_CPU_CAPABILITY could not be honoured (the extension then runs the CPU's best
+    level, or, for a level above the CPU's, the best it has: never an illegal instruction)."""
+    want = os.environ.get("DLK_CPU_CAPABILITY")
+    if _C is None or want is None:
+        return
+    got, native = _C.cpu.capability(), _C.cpu.native_capability()
+    if want not in CPU_CAPABILITIES:
+        msg = f"is not one of {', '.join(CPU_CAPABILITIES)}"
+    elif want != got:
+        msg = f"is above what this CPU supports ({native})"
+    else:
+        return
+    warnings.warn(f"dlkernels: DLK_CPU_CAPABILITY={want!r} {msg}; the CPU kernels run at {got}",
+                  RuntimeWarning, stacklevel=2)
+
+
+_check_cpu_capability()
+
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("dlk_backend", default=None)
 
 
@@ -56,7 +80,8 @@ def status() -> dict[str, tuple[bool, str]]:
     if _C is None:
         out["cpu"] = (False, f"dlkernels._C is not built or failed to load: {_C_ERROR}")
     else:
-        out["cpu"] = (True, f"C++ kernels, SIMD path {_C.cpu.simd_path()}, {torch.get_num_threads()} threads")
+        out["cpu"] = (True, f"C++ kernels, SIMD {_C.cpu.capability()} (CPU: {_C.cpu.native_capability()}), "
+                                f"{torch.get_num_threads()} threads")
     if _C is None:
         out["cuda"] = (False, "dlkernels._C is not built")
     elif not _C.build_info["cuda"]:

@@ -1,5 +1,5 @@
 // Leaky ReLU and PReLU on the CPU: OpenMP across tasks (at::parallel_for), SIMD within a task
-// (per-ISA clones of plain loops), fp16/bf16 converted to float block by block.
+// (plain loops compiled per capability level, simd.h), fp16/bf16 converted to float block by block.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
@@ -15,51 +15,48 @@
 namespace dlk::cpu {
 namespace {
 
-// ---- SIMD loops over one block, float and double (the clones are per overload) ----
+// ---- SIMD loops over one block, float and double (versions per overload and level) ----
 
 template <typename T>
 DLK_INLINE void leaky_fwd_body(const T* x, T* y, int64_t n, T slope) {
   for (int64_t i = 0; i < n; ++i) y[i] = leaky_relu_fwd(x[i], slope);
 }
-DLK_CLONES void leaky_fwd(const float* x, float* y, int64_t n, float s) { leaky_fwd_body(x, y, n, s); }
-DLK_CLONES void leaky_fwd(const double* x, double* y, int64_t n, double s) { leaky_fwd_body(x, y, n, s); }
+DLK_MULTIVERSION(void, leaky_fwd, (const float* x, float* y, int64_t n, float s), (x, y, n, s), leaky_fwd_body)
+DLK_MULTIVERSION(void, leaky_fwd, (const double* x, double* y, int64_t n, double s), (x, y, n, s), leaky_fwd_body)
 
 template <typename T>
 DLK_INLINE void leaky_bwd_body(const T* g, const T* x, T* gi, int64_t n, T slope) {
   for (int64_t i = 0; i < n; ++i) gi[i] = leaky_relu_bwd(g[i], x[i], slope);
 }
-DLK_CLONES void leaky_bwd(const float* g, const float* x, float* gi, int64_t n, float s) {
-  leaky_bwd_body(g, x, gi, n, s);
-}
-DLK_CLONES void leaky_bwd(const double* g, const double* x, double* gi, int64_t n, double s) {
-  leaky_bwd_body(g, x, gi, n, s);
-}
+DLK_MULTIVERSION(void, leaky_bwd, (const float* g, const float* x, float* gi, int64_t n, float s), (g, x, gi, n, s), leaky_bwd_body)
+DLK_MULTIVERSION(void, leaky_bwd, (const double* g, const double* x, double* gi, int64_t n, double s), (g, x, gi, n, s), leaky_bwd_body)
 
 // bf16 storage converted in registers: one pass instead of convert / compute / convert blocks.
-DLK_CLONES void leaky_fwd(const c10::BFloat16* x, c10::BFloat16* y, int64_t n, float s) {
+DLK_INLINE void leaky_fwd_bf16_body(const c10::BFloat16* x, c10::BFloat16* y, int64_t n, float s) {
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   auto* ys = reinterpret_cast<uint16_t*>(y);
   for (int64_t i = 0; i < n; ++i) ys[i] = float_to_bf16_bits(leaky_relu_fwd(bf16_bits_to_float(xs[i]), s));
 }
-DLK_CLONES void leaky_bwd(const c10::BFloat16* g, const c10::BFloat16* x, c10::BFloat16* gi, int64_t n, float s) {
+DLK_INLINE void leaky_bwd_bf16_body(const c10::BFloat16* g, const c10::BFloat16* x, c10::BFloat16* gi, int64_t n,
+                                    float s) {
   const auto* gs = reinterpret_cast<const uint16_t*>(g);
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   auto* os = reinterpret_cast<uint16_t*>(gi);
   for (int64_t i = 0; i < n; ++i)
     os[i] = float_to_bf16_bits(leaky_relu_bwd(bf16_bits_to_float(gs[i]), bf16_bits_to_float(xs[i]), s));
 }
+DLK_MULTIVERSION(void, leaky_fwd, (const c10::BFloat16* x, c10::BFloat16* y, int64_t n, float s), (x, y, n, s),
+                 leaky_fwd_bf16_body)
+DLK_MULTIVERSION(void, leaky_bwd, (const c10::BFloat16* g, const c10::BFloat16* x, c10::BFloat16* gi, int64_t n,
+                                   float s), (g, x, gi, n, s), leaky_bwd_bf16_body)
 
 // One slope per element (the slopes of a [C, inner] tile, used when inner is short).
 template <typename T>
 DLK_INLINE void prelu_fwd_vec_body(const T* x, const T* w, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = leaky_relu_fwd(x[i], w[i]);
 }
-DLK_CLONES void prelu_fwd_vec(const float* x, const float* w, float* y, int64_t n) {
-  prelu_fwd_vec_body(x, w, y, n);
-}
-DLK_CLONES void prelu_fwd_vec(const double* x, const double* w, double* y, int64_t n) {
-  prelu_fwd_vec_body(x, w, y, n);
-}
+DLK_MULTIVERSION(void, prelu_fwd_vec, (const float* x, const float* w, float* y, int64_t n), (x, w, y, n), prelu_fwd_vec_body)
+DLK_MULTIVERSION(void, prelu_fwd_vec, (const double* x, const double* w, double* y, int64_t n), (x, w, y, n), prelu_fwd_vec_body)
 
 // One slope for the block; returns the block's slope gradient. 16 independent partial sums
 // let the compiler vectorize the reduction without reassociating a single accumulator.
@@ -82,12 +79,8 @@ DLK_INLINE T prelu_bwd_row_body(const T* g, const T* x, T* gi, int64_t n, T w) {
   for (int j = 0; j < kLanes; ++j) total += acc[j];
   return total;
 }
-DLK_CLONES float prelu_bwd_row(const float* g, const float* x, float* gi, int64_t n, float w) {
-  return prelu_bwd_row_body(g, x, gi, n, w);
-}
-DLK_CLONES double prelu_bwd_row(const double* g, const double* x, double* gi, int64_t n, double w) {
-  return prelu_bwd_row_body(g, x, gi, n, w);
-}
+DLK_MULTIVERSION(float, prelu_bwd_row, (const float* g, const float* x, float* gi, int64_t n, float w), (g, x, gi, n, w), prelu_bwd_row_body)
+DLK_MULTIVERSION(double, prelu_bwd_row, (const double* g, const double* x, double* gi, int64_t n, double w), (g, x, gi, n, w), prelu_bwd_row_body)
 
 // One slope per element; slope gradients accumulate per element into acc.
 template <typename T>
@@ -97,14 +90,8 @@ DLK_INLINE void prelu_bwd_vec_body(const T* g, const T* x, const T* w, T* gi, T*
     acc[i] += prelu_weight_grad(g[i], x[i]);
   }
 }
-DLK_CLONES void prelu_bwd_vec(const float* g, const float* x, const float* w, float* gi, float* acc,
-                              int64_t n) {
-  prelu_bwd_vec_body(g, x, w, gi, acc, n);
-}
-DLK_CLONES void prelu_bwd_vec(const double* g, const double* x, const double* w, double* gi,
-                              double* acc, int64_t n) {
-  prelu_bwd_vec_body(g, x, w, gi, acc, n);
-}
+DLK_MULTIVERSION(void, prelu_bwd_vec, (const float* g, const float* x, const float* w, float* gi, float* acc, int64_t n), (g, x, w, gi, acc, n), prelu_bwd_vec_body)
+DLK_MULTIVERSION(void, prelu_bwd_vec, (const double* g, const double* x, const double* w, double* gi, double* acc, int64_t n), (g, x, w, gi, acc, n), prelu_bwd_vec_body)
 
 // ---- drivers: split into tasks, convert storage blocks, call the loops above ----
 

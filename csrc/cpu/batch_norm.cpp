@@ -72,8 +72,8 @@ DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
   out[1] = lane_sum(acc2);
   out[2] = lane_sum(acc3);
 }
-DLK_CLONES void block_moments(const float* x, int64_t n, float* out) { block_moments_body(x, n, out); }
-DLK_CLONES void block_moments(const double* x, int64_t n, double* out) { block_moments_body(x, n, out); }
+DLK_MULTIVERSION(void, block_moments, (const float* x, int64_t n, float* out), (x, n, out), block_moments_body)
+DLK_MULTIVERSION(void, block_moments, (const double* x, int64_t n, double* out), (x, n, out), block_moments_body)
 
 // Hints the cache lines of n elements at p into the cache.
 template <typename S>
@@ -116,8 +116,8 @@ template <typename T>
 DLK_INLINE void col_sum_body(const T* x, T* acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
-DLK_CLONES void col_sum(const float* x, float* acc, int64_t n) { col_sum_body(x, acc, n); }
-DLK_CLONES void col_sum(const double* x, double* acc, int64_t n) { col_sum_body(x, acc, n); }
+DLK_MULTIVERSION(void, col_sum, (const float* x, float* acc, int64_t n), (x, acc, n), col_sum_body)
+DLK_MULTIVERSION(void, col_sum, (const double* x, double* acc, int64_t n), (x, acc, n), col_sum_body)
 template <typename T>
 DLK_INLINE void col_sq_dev_body(const T* x, const T* mean, T* acc, T* res, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -125,8 +125,8 @@ DLK_INLINE void col_sq_dev_body(const T* x, const T* mean, T* acc, T* res, int64
     res[i] += x[i] - mean[i];
   }
 }
-DLK_CLONES void col_sq_dev(const float* x, const float* m, float* acc, float* res, int64_t n) { col_sq_dev_body(x, m, acc, res, n); }
-DLK_CLONES void col_sq_dev(const double* x, const double* m, double* acc, double* res, int64_t n) { col_sq_dev_body(x, m, acc, res, n); }
+DLK_MULTIVERSION(void, col_sq_dev, (const float* x, const float* m, float* acc, float* res, int64_t n), (x, m, acc, res, n), col_sq_dev_body)
+DLK_MULTIVERSION(void, col_sq_dev, (const double* x, const double* m, double* acc, double* res, int64_t n), (x, m, acc, res, n), col_sq_dev_body)
 
 // Per-channel constants, as scalars (row path) or as pointers to per-element vectors (tile path).
 template <typename T>
@@ -288,7 +288,7 @@ DLK_INLINE void moments_strip_body(const T* R x, int64_t rows, int64_t ld, const
 }
 #undef R
 
-// One clone set per (loop, type); the activation is a switch outside the loop. PReLU runs as
+// One version set per (loop, type); the activation is a switch outside the loop. PReLU runs as
 // leaky ReLU with the channel's slope.
 #define DLK_ACT_SWITCH(act, CALL)          \
   switch (act) {                           \
@@ -304,8 +304,8 @@ DLK_INLINE void fwd_dispatch(int act, const T* x, T* y, int64_t n, const RowK<T>
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void fwd_row(int act, const float* x, float* y, int64_t n, const RowK<float>& k) { fwd_dispatch(act, x, y, n, k); }
-DLK_CLONES void fwd_row(int act, const double* x, double* y, int64_t n, const RowK<double>& k) { fwd_dispatch(act, x, y, n, k); }
+DLK_MULTIVERSION(void, fwd_row, (int act, const float* x, float* y, int64_t n, const RowK<float>& k), (act, x, y, n, k), fwd_dispatch)
+DLK_MULTIVERSION(void, fwd_row, (int act, const double* x, double* y, int64_t n, const RowK<double>& k), (act, x, y, n, k), fwd_dispatch)
 
 template <typename T>
 DLK_INLINE void fwd_vec_dispatch(int act, const T* x, T* y, int64_t n, const VecK<T>& k) {
@@ -313,8 +313,8 @@ DLK_INLINE void fwd_vec_dispatch(int act, const T* x, T* y, int64_t n, const Vec
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void fwd_vec(int act, const float* x, float* y, int64_t n, const VecK<float>& k) { fwd_vec_dispatch(act, x, y, n, k); }
-DLK_CLONES void fwd_vec(int act, const double* x, double* y, int64_t n, const VecK<double>& k) { fwd_vec_dispatch(act, x, y, n, k); }
+DLK_MULTIVERSION(void, fwd_vec, (int act, const float* x, float* y, int64_t n, const VecK<float>& k), (act, x, y, n, k), fwd_vec_dispatch)
+DLK_MULTIVERSION(void, fwd_vec, (int act, const double* x, double* y, int64_t n, const VecK<double>& k), (act, x, y, n, k), fwd_vec_dispatch)
 
 template <typename T>
 DLK_INLINE void reduce_row_dispatch(int act, const T* g, const T* x, int64_t n, const RowK<T>& k, T* out) {
@@ -322,8 +322,8 @@ DLK_INLINE void reduce_row_dispatch(int act, const T* g, const T* x, int64_t n, 
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void reduce_row(int act, const float* g, const float* x, int64_t n, const RowK<float>& k, float* out) { reduce_row_dispatch(act, g, x, n, k, out); }
-DLK_CLONES void reduce_row(int act, const double* g, const double* x, int64_t n, const RowK<double>& k, double* out) { reduce_row_dispatch(act, g, x, n, k, out); }
+DLK_MULTIVERSION(void, reduce_row, (int act, const float* g, const float* x, int64_t n, const RowK<float>& k, float* out), (act, g, x, n, k, out), reduce_row_dispatch)
+DLK_MULTIVERSION(void, reduce_row, (int act, const double* g, const double* x, int64_t n, const RowK<double>& k, double* out), (act, g, x, n, k, out), reduce_row_dispatch)
 
 template <typename T>
 DLK_INLINE void reduce_vec_dispatch(int act, const T* g, const T* x, int64_t n, const VecK<T>& k, T* s0, T* s1, T* s2) {
@@ -331,8 +331,8 @@ DLK_INLINE void reduce_vec_dispatch(int act, const T* g, const T* x, int64_t n, 
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void reduce_vec(int act, const float* g, const float* x, int64_t n, const VecK<float>& k, float* s0, float* s1, float* s2) { reduce_vec_dispatch(act, g, x, n, k, s0, s1, s2); }
-DLK_CLONES void reduce_vec(int act, const double* g, const double* x, int64_t n, const VecK<double>& k, double* s0, double* s1, double* s2) { reduce_vec_dispatch(act, g, x, n, k, s0, s1, s2); }
+DLK_MULTIVERSION(void, reduce_vec, (int act, const float* g, const float* x, int64_t n, const VecK<float>& k, float* s0, float* s1, float* s2), (act, g, x, n, k, s0, s1, s2), reduce_vec_dispatch)
+DLK_MULTIVERSION(void, reduce_vec, (int act, const double* g, const double* x, int64_t n, const VecK<double>& k, double* s0, double* s1, double* s2), (act, g, x, n, k, s0, s1, s2), reduce_vec_dispatch)
 
 template <typename T>
 DLK_INLINE void elemt_row_dispatch(int act, const T* g, const T* x, T* gi, int64_t n, const RowK<T>& k) {
@@ -346,10 +346,10 @@ DLK_INLINE void elemt_vec_dispatch(int act, const T* g, const T* x, T* gi, int64
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void elemt_row(int act, const float* g, const float* x, float* gi, int64_t n, const RowK<float>& k) { elemt_row_dispatch(act, g, x, gi, n, k); }
-DLK_CLONES void elemt_row(int act, const double* g, const double* x, double* gi, int64_t n, const RowK<double>& k) { elemt_row_dispatch(act, g, x, gi, n, k); }
-DLK_CLONES void elemt_vec(int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
-DLK_CLONES void elemt_vec(int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k) { elemt_vec_dispatch(act, g, x, gi, n, k); }
+DLK_MULTIVERSION(void, elemt_row, (int act, const float* g, const float* x, float* gi, int64_t n, const RowK<float>& k), (act, g, x, gi, n, k), elemt_row_dispatch)
+DLK_MULTIVERSION(void, elemt_row, (int act, const double* g, const double* x, double* gi, int64_t n, const RowK<double>& k), (act, g, x, gi, n, k), elemt_row_dispatch)
+DLK_MULTIVERSION(void, elemt_vec, (int act, const float* g, const float* x, float* gi, int64_t n, const VecK<float>& k), (act, g, x, gi, n, k), elemt_vec_dispatch)
+DLK_MULTIVERSION(void, elemt_vec, (int act, const double* g, const double* x, double* gi, int64_t n, const VecK<double>& k), (act, g, x, gi, n, k), elemt_vec_dispatch)
 
 template <typename T>
 DLK_INLINE void fwd_strip_dispatch(int act, const T* x, T* y, int64_t rows, int64_t ld, const StripK<T>& k) {
@@ -371,14 +371,14 @@ DLK_INLINE void elemt_strip_dispatch(int act, const T* g, const T* x, T* gi, int
   DLK_ACT_SWITCH(act, CALL)
 #undef CALL
 }
-DLK_CLONES void fwd_strip(int act, const float* x, float* y, int64_t rows, int64_t ld, const StripK<float>& k) { fwd_strip_dispatch(act, x, y, rows, ld, k); }
-DLK_CLONES void fwd_strip(int act, const double* x, double* y, int64_t rows, int64_t ld, const StripK<double>& k) { fwd_strip_dispatch(act, x, y, rows, ld, k); }
-DLK_CLONES void reduce_strip(int act, const float* g, const float* x, int64_t rows, int64_t ld, const StripK<float>& k, float* s) { reduce_strip_dispatch(act, g, x, rows, ld, k, s); }
-DLK_CLONES void reduce_strip(int act, const double* g, const double* x, int64_t rows, int64_t ld, const StripK<double>& k, double* s) { reduce_strip_dispatch(act, g, x, rows, ld, k, s); }
-DLK_CLONES void elemt_strip(int act, const float* g, const float* x, float* gi, int64_t rows, int64_t ld, const StripK<float>& k) { elemt_strip_dispatch(act, g, x, gi, rows, ld, k); }
-DLK_CLONES void elemt_strip(int act, const double* g, const double* x, double* gi, int64_t rows, int64_t ld, const StripK<double>& k) { elemt_strip_dispatch(act, g, x, gi, rows, ld, k); }
-DLK_CLONES void moments_strip(const float* x, int64_t rows, int64_t ld, const float* mean, float* s, float* res) { moments_strip_body(x, rows, ld, mean, s, res); }
-DLK_CLONES void moments_strip(const double* x, int64_t rows, int64_t ld, const double* mean, double* s, double* res) { moments_strip_body(x, rows, ld, mean, s, res); }
+DLK_MULTIVERSION(void, fwd_strip, (int act, const float* x, float* y, int64_t rows, int64_t ld, const StripK<float>& k), (act, x, y, rows, ld, k), fwd_strip_dispatch)
+DLK_MULTIVERSION(void, fwd_strip, (int act, const double* x, double* y, int64_t rows, int64_t ld, const StripK<double>& k), (act, x, y, rows, ld, k), fwd_strip_dispatch)
+DLK_MULTIVERSION(void, reduce_strip, (int act, const float* g, const float* x, int64_t rows, int64_t ld, const StripK<float>& k, float* s), (act, g, x, rows, ld, k, s), reduce_strip_dispatch)
+DLK_MULTIVERSION(void, reduce_strip, (int act, const double* g, const double* x, int64_t rows, int64_t ld, const StripK<double>& k, double* s), (act, g, x, rows, ld, k, s), reduce_strip_dispatch)
+DLK_MULTIVERSION(void, elemt_strip, (int act, const float* g, const float* x, float* gi, int64_t rows, int64_t ld, const StripK<float>& k), (act, g, x, gi, rows, ld, k), elemt_strip_dispatch)
+DLK_MULTIVERSION(void, elemt_strip, (int act, const double* g, const double* x, double* gi, int64_t rows, int64_t ld, const StripK<double>& k), (act, g, x, gi, rows, ld, k), elemt_strip_dispatch)
+DLK_MULTIVERSION(void, moments_strip, (const float* x, int64_t rows, int64_t ld, const float* mean, float* s, float* res), (x, rows, ld, mean, s, res), moments_strip_body)
+DLK_MULTIVERSION(void, moments_strip, (const double* x, int64_t rows, int64_t ld, const double* mean, double* s, double* res), (x, rows, ld, mean, s, res), moments_strip_body)
 
 // ---- per-channel constants (computed in double, once per call or per channel) ----
 

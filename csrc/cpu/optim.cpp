@@ -1,6 +1,6 @@
 // Fused Adam/AdamW/RMSprop steps and the global gradient norm on the CPU. Every parameter of a
 // call is cut into chunks, and one OpenMP region runs over the list of (tensor, chunk) items, so
-// many small tensors cost one fork, not one each. Within a chunk, per-ISA clones of plain loops
+// many small tensors cost one fork, not one each. Within a chunk, plain loops compiled per capability level (simd.h)
 // over csrc/common/optim.h vectorize; fp16/bf16 storage is converted to float block by block.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,7 +22,7 @@ namespace {
 
 // ---- SIMD loops over one block (compute type float or double) ----
 
-// The clones take lerp's |weight| < 0.5 as a constant (a branch in the loop would stop
+// The blocks take lerp's |weight| < 0.5 as a constant (a branch in the loop would stop
 // vectorization); a weight >= 0.5 (beta1 or alpha <= 0.5, rare) runs the unvectorized form.
 template <int WD, bool AMS, typename T, typename B>
 DLK_INLINE void adam_body(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, const AdamCoefs<T>& cr,
@@ -38,11 +38,15 @@ DLK_INLINE void adam_body(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, cons
   }
 }
 
-#define DLK_ADAM_CLONE(T, WD, AMS)                                                             \
-  DLK_CLONES void adam_block_##WD##_##AMS(T* p, const T* g, T* m, T* v, T* vmax, int64_t n,    \
-                                          const AdamCoefs<T>& c, const GradXform<T>& x) {      \
-    adam_body<WD, AMS>(p, g, m, v, vmax, n, c, x, std::true_type{});                           \
-  }
+template <int WD, bool AMS, typename T>
+DLK_INLINE void adam_block_body(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, const AdamCoefs<T>& c,
+                                const GradXform<T>& x) {
+  adam_body<WD, AMS>(p, g, m, v, vmax, n, c, x, std::true_type{});
+}
+#define DLK_ADAM_CLONE(T, WD, AMS)                                                                             \
+  DLK_MULTIVERSION(void, adam_block_##WD##_##AMS, (T* p, const T* g, T* m, T* v, T* vmax, int64_t n,           \
+                   const AdamCoefs<T>& c, const GradXform<T>& x), (p, g, m, v, vmax, n, c, x),                 \
+                   adam_block_body<WD, AMS>)
 #define DLK_ADAM_CLONES(T)                                                                     \
   DLK_ADAM_CLONE(T, 0, 0) DLK_ADAM_CLONE(T, 0, 1) DLK_ADAM_CLONE(T, 1, 0)                      \
   DLK_ADAM_CLONE(T, 1, 1) DLK_ADAM_CLONE(T, 2, 0) DLK_ADAM_CLONE(T, 2, 1)
@@ -87,11 +91,15 @@ DLK_INLINE void rmsprop_body(T* p, const T* g, T* sq, T* ga, T* buf, int64_t n,
   }
 }
 
-#define DLK_RMS_CLONE(T, WD, CEN, MOM)                                                         \
-  DLK_CLONES void rms_block_##WD##CEN##MOM(T* p, const T* g, T* sq, T* ga, T* buf, int64_t n,  \
-                                           const RMSpropCoefs<T>& c, const GradXform<T>& x) {  \
-    rmsprop_body<WD, CEN, MOM>(p, g, sq, ga, buf, n, c, x, std::true_type{});                  \
-  }
+template <bool WD, bool CEN, bool MOM, typename T>
+DLK_INLINE void rms_block_body(T* p, const T* g, T* sq, T* ga, T* buf, int64_t n, const RMSpropCoefs<T>& c,
+                               const GradXform<T>& x) {
+  rmsprop_body<WD, CEN, MOM>(p, g, sq, ga, buf, n, c, x, std::true_type{});
+}
+#define DLK_RMS_CLONE(T, WD, CEN, MOM)                                                                         \
+  DLK_MULTIVERSION(void, rms_block_##WD##CEN##MOM, (T* p, const T* g, T* sq, T* ga, T* buf, int64_t n,         \
+                   const RMSpropCoefs<T>& c, const GradXform<T>& x), (p, g, sq, ga, buf, n, c, x),             \
+                   rms_block_body<WD, CEN, MOM>)
 #define DLK_RMS_CLONES(T)                                                                      \
   DLK_RMS_CLONE(T, 0, 0, 0) DLK_RMS_CLONE(T, 0, 0, 1) DLK_RMS_CLONE(T, 0, 1, 0)                \
   DLK_RMS_CLONE(T, 0, 1, 1) DLK_RMS_CLONE(T, 1, 0, 0) DLK_RMS_CLONE(T, 1, 0, 1)                \
@@ -151,10 +159,8 @@ DLK_INLINE T norm_body(const T* g, int64_t n, T inv_scale, T clip, T p) {
   for (int j = 1; j < kLanes; ++j) total = add(total, acc[j]);
   return total;
 }
-#define DLK_NORM_CLONE(T, K)                                                                   \
-  DLK_CLONES T norm_block_##K(const T* g, int64_t n, T s, T c, T p) {                          \
-    return norm_body<K>(g, n, s, c, p);                                                        \
-  }
+#define DLK_NORM_CLONE(T, K) \
+  DLK_MULTIVERSION(T, norm_block_##K, (const T* g, int64_t n, T s, T c, T p), (g, n, s, c, p), norm_body<K>)
 DLK_NORM_CLONE(float, 0) DLK_NORM_CLONE(float, 1) DLK_NORM_CLONE(float, 2) DLK_NORM_CLONE(float, 3)
 DLK_NORM_CLONE(double, 0) DLK_NORM_CLONE(double, 1) DLK_NORM_CLONE(double, 2) DLK_NORM_CLONE(double, 3)
 

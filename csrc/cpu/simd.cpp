@@ -1,5 +1,7 @@
 #include "simd.h"
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -7,24 +9,43 @@
 
 namespace dlk::cpu {
 
-const char* simd_path() {
+Capability native_capability() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+  if (__builtin_cpu_supports("x86-64-v4")) return kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return kAvx2;
 #endif
-  return "baseline";
+  return kDefault;
+}
+
+const char* capability_name(Capability c) {
+  return c == kAvx512 ? "avx512" : c == kAvx2 ? "avx2" : "default";
 }
 
 namespace {
 
+// DLK_CPU_CAPABILITY lowers the level; a level above the CPU's, or an unknown name, is ignored
+// (the Python package warns about it): running AVX-512 code on an AVX2 CPU would be SIGILL.
+Capability pick_capability() {
+  const Capability native = native_capability();
+  const char* env = std::getenv("DLK_CPU_CAPABILITY");
+  if (env == nullptr) return native;
+  for (Capability c : {kDefault, kAvx2, kAvx512})
+    if (std::strcmp(env, capability_name(c)) == 0) return std::min(c, native);
+  return native;
+}
+
+const Capability g_capability = pick_capability();
+
+}  // namespace
+
+Capability capability() { return g_capability; }
+
+namespace {
+
 #if defined(__x86_64__) && defined(__GNUC__)
-bool has_f16c() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
-  }();
-  return yes;
+bool has_f16c() {  // every AVX2-level (x86-64-v3) CPU has F16C
+  return capability() >= kAvx2;
 }
 
 __attribute__((target("avx2,f16c"))) int64_t half_to_float_f16c(const uint16_t* s, float* d,
@@ -52,16 +73,23 @@ int64_t half_to_float_f16c(const uint16_t*, float*, int64_t) { return 0; }
 int64_t float_to_half_f16c(const float*, uint16_t*, int64_t) { return 0; }
 #endif
 
+DLK_INLINE void bf16_to_float_body(const uint16_t* s, float* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits_to_float(s[i]);
+}
+DLK_INLINE void float_to_bf16_body(const float* s, uint16_t* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_bits(s[i]);
+}
+DLK_MULTIVERSION(void, bf16_to_float, (const uint16_t* s, float* d, int64_t n), (s, d, n), bf16_to_float_body)
+DLK_MULTIVERSION(void, float_to_bf16, (const float* s, uint16_t* d, int64_t n), (s, d, n), float_to_bf16_body)
+
 }  // namespace
 
-DLK_CLONES void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(s[i]);
+void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
+  bf16_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
 }
 
-DLK_CLONES void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
-  auto* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_bits(src[i]);
+void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
+  float_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
 }
 
 void to_float(const c10::Half* src, float* dst, int64_t n) {
