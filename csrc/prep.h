@@ -26,9 +26,11 @@ struct ChannelView {
   int64_t outer, channels, inner;
 };
 
+// Empty tensors (any size 0, C included) get an empty view, so no caller divides by C * inner.
 inline ChannelView channel_view(const at::Tensor& xd, int64_t num_weights) {
   const int64_t n = xd.numel();
   if (num_weights == 1 || xd.dim() < 2) return {1, 1, n};
+  if (n == 0) return {0, xd.size(1), 1};
   const int64_t c = xd.size(1);
   const int64_t inner = xd.stride(1);
   return {n / (c * inner), c, inner};

@@ -208,7 +208,8 @@ def _bwd_elemt_kernel(
         g = tl.load(g_ptr + offs, mask=mask).to(acc_ty)
         xhat = (x - mean) * invstd
         dz = _act_bwd(g, xhat * w + b, sl, ACT)
-        tl.store(gi_ptr + offs, (k * (dz - a - xhat * q)).to(gi_ptr.dtype.element_ty), mask=mask)
+        stat = tl.where(q == 0, 0.0, xhat * q)  # 0 in eval even at an infinite x (not 0 * inf), as torch
+        tl.store(gi_ptr + offs, (k * (dz - a - stat)).to(gi_ptr.dtype.element_ty), mask=mask)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:

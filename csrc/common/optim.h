@@ -1,7 +1,8 @@
 // Per-element Adam/AdamW/RMSprop math, shared by the CPU and CUDA kernels. Each formula follows
 // torch.optim's single-tensor (for-loop) path operation by operation, including where torch's
-// vectorized CPU kernels use a fused multiply-add (lerp, addcmul, add with alpha), so float32/float64
-// results agree with torch to the last bits. T is the compute type (float, or double for fp64).
+// vectorized CPU kernels use a fused multiply-add (lerp, addcmul, add with alpha). float32/float64
+// results are not bit-identical to torch's: they differ by about one ulp per step (sqrt and the
+// order of some roundings), within torch's own error against float64. T is the compute type.
 #pragma once
 #include <cmath>
 

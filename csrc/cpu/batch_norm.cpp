@@ -202,7 +202,7 @@ DLK_INLINE void elemt_row_body(const T* R g, const T* R x, T* R gi, int64_t n, c
   const T scale = k.scale, shift = k.shift, slope = k.slope, mean = k.mean, k1 = k.k1, ka = k.ka, kc = k.kc;
   for (int64_t i = 0; i < n; ++i) {
     const T dz = act_bwd(ACT, g[i], x[i] * scale + shift, slope);
-    gi[i] = k1 * dz + ka * (x[i] - mean) + kc;
+    gi[i] = k1 * dz + stat_term(ka, x[i] - mean) + kc;
   }
 }
 template <int ACT, typename T>
@@ -211,7 +211,7 @@ DLK_INLINE void elemt_vec_body(const T* R g, const T* R x, T* R gi, int64_t n, c
                                const T* R ka, const T* R kc) {
   for (int64_t i = 0; i < n; ++i) {
     const T dz = act_bwd(ACT, g[i], x[i] * scale[i] + shift[i], slope[i]);
-    gi[i] = k1[i] * dz + ka[i] * (x[i] - mean[i]) + kc[i];
+    gi[i] = k1[i] * dz + stat_term(ka[i], x[i] - mean[i]) + kc[i];
   }
 }
 
@@ -264,7 +264,7 @@ DLK_INLINE void elemt_strip_body(const T* R g, const T* R x, T* R gi, int64_t ro
   for (int64_t r = 0; r < rows; ++r)
     for (int j = 0; j < kStrip; ++j) {
       const T xv = x[r * ld + j];
-      gi[r * ld + j] = k1[j] * act_bwd(ACT, g[r * ld + j], xv * sc[j] + sh[j], sl[j]) + ka[j] * (xv - mu[j]) + kc[j];
+      gi[r * ld + j] = k1[j] * act_bwd(ACT, g[r * ld + j], xv * sc[j] + sh[j], sl[j]) + stat_term(ka[j], xv - mu[j]) + kc[j];
     }
 }
 
@@ -513,7 +513,7 @@ void row_moments(const S* x, int64_t len, double& mu, double& m2) {
     const int64_t m = std::min(kBlock, len - i);
     block_moments(load(x + i, buf, m), m, mom);
     const double r = mom[2];
-    merge_moments<double>(n, mu, m2, double(m), double(mom[0]) + r / double(m), double(mom[1]) - r * r / double(m));
+    merge_moments<double>(n, mu, m2, double(m), corrected_mean(double(mom[0]), r, double(m)), double(mom[1]) - r * r / double(m));
   }
 }
 
@@ -680,7 +680,7 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
         sweep(tmean.data(), (r1 - r0) * ch);
         for (int64_t c = 0; c < ch; ++c) {  // the corrected two-pass algorithm (see block_moments)
           const double r = res[c], cnt = double(r1 - r0);
-          pmu[p * ch + c] = double(tmean[c]) + r / cnt;
+          pmu[p * ch + c] = corrected_mean(double(tmean[c]), r, cnt);
           pm2[p * ch + c] = double(acc[c]) - r * r / cnt;
         }
       }
@@ -737,7 +737,7 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
         std::fill(rsum.begin(), rsum.end(), 0.0);
         fold_to_channels(res.data(), pc.len, v, rsum.data());
         for (int64_t c = 0; c < channels; ++c) {  // the corrected two-pass algorithm (see block_moments)
-          mu_p[c] = double(tmean[c * v.inner]) + rsum[c] / n_p[c];
+          mu_p[c] = corrected_mean(double(tmean[c * v.inner]), rsum[c], n_p[c]);
           m2_p[c] -= rsum[c] * rsum[c] / n_p[c];
         }
       }
@@ -926,6 +926,10 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
   at::Tensor mean = at::empty({xd.size(1)}, xd.options().dtype(at::kDouble));
   at::Tensor var = at::empty({xd.size(1)}, xd.options().dtype(at::kDouble));
   DLK_DISPATCH_BN(x, "batch_norm_stats", [&] {
+    if (xd.numel() == 0) {  // as torch.var_mean of nothing; also no view of C == 0 channels to divide by
+      mean.fill_(NAN), var.fill_(NAN);
+      return;
+    }
     stats_impl(xd.const_data_ptr<scalar_t>(), v, mean.mutable_data_ptr<double>(), var.mutable_data_ptr<double>());
   });
   return {mean.to(acc_type(x)), var.to(acc_type(x))};
@@ -940,6 +944,7 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, c
   at::Tensor y = at::empty_like(xd);
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   DLK_DISPATCH_BN(x, "batch_norm_act_forward", [&] {
+    if (xd.numel() == 0) return;
     forward_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, channel_view(xd, xd.size(1)));
   });
   return y;
@@ -958,6 +963,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
   const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
   DLK_DISPATCH_BN(x, "batch_norm_act_train", [&] {
     using C = compute_t<scalar_t>;
+    if (xd.numel() == 0) {
+      mean.fill_(NAN), var.fill_(NAN), invstd.fill_(NAN);
+      return;
+    }
     train_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, p, eps, channel_view(xd, channels),
                mean.mutable_data_ptr<C>(), var.mutable_data_ptr<C>(), invstd.mutable_data_ptr<C>());
   });
@@ -985,6 +994,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   at::Tensor sums = at::empty({3, channels}, xd.options().dtype(at::kDouble));
   DLK_DISPATCH_BN(x, "batch_norm_act_backward_reduce", [&] {
+    if (xd.numel() == 0) {
+      sums.zero_();
+      return;
+    }
     reduce_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), act, ks, channel_view(xd, channels),
                 sums.mutable_data_ptr<double>());
   });
@@ -1009,6 +1022,7 @@ at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tenso
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd), s0.data(),
                             s1.data(), double(count));
   DLK_DISPATCH_BN(x, "batch_norm_act_backward_elemt", [&] {
+    if (xd.numel() == 0) return;
     elemt_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act, ks,
                channel_view(xd, xd.size(1)));
   });
@@ -1029,6 +1043,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   at::Tensor sums = at::empty({3, channels}, xd.options().dtype(at::kDouble));
   const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
   DLK_DISPATCH_BN(x, "batch_norm_act_backward", [&] {
+    if (xd.numel() == 0) {
+      sums.zero_();
+      return;
+    }
     backward_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act,
                   p, doubles(mean), doubles(invstd), training, channel_view(xd, channels),
                   sums.mutable_data_ptr<double>());

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads)
   for_each_position(c, s, [&](int64_t i) {
     const A xhat = (to_compute(x[i]) - ch.mean) * ch.invstd;
     const A dz = act_bwd(act, to_compute(g[i]), xhat * ch.w + ch.b, ch.slope);
-    gi[i] = from_compute<T>(k * (dz - ac - xhat * qc));
+    gi[i] = from_compute<T>(k * (dz - ac - stat_term(qc, xhat)));
   });
 }
 

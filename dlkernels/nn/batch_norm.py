@@ -29,8 +29,8 @@ class _FusedForward:
         factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average, as a tensor: no host sync
-                factor = 1.0 / self.num_batches_tracked
+            if self.momentum is None:  # cumulative average, as a tensor (no host sync), in float64 as torch's
+                factor = 1.0 / self.num_batches_tracked.to(torch.float64)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
@@ -155,7 +155,8 @@ class BatchNormAct3d(_BatchNormAct):
 # ---- synchronized statistics ----
 
 def _sync_batch_norm_act(m: _FusedForward, input: Tensor, running_mean, running_var, factor) -> Tensor:
-    _ops._check(input, running_mean, running_var, m.weight, m.bias, True, m.eps, m.activation, m._prelu_weight())
+    _ops._check(input, running_mean, running_var, m.weight, m.bias, True, m.eps, m.activation, m._prelu_weight(),
+                local_batch=False)  # the total over all ranks is checked once they are gathered
     act = _ops.ACTIVATIONS[m.activation]
     prelu = m._prelu_weight() if act == _ops.ACT_PRELU else None
     group = m.process_group or dist.group.WORLD
@@ -171,8 +172,10 @@ class _SyncBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, prelu, running_mean, running_var, eps, factor, act, slope, group):
         k = lambda name: _ops.kernels(name, x)  # noqa: E731
         mean, var = k("batch_norm_stats")(x)
-        count = torch.full_like(mean, x.numel() // x.shape[1])
-        mine = torch.stack([count, torch.nan_to_num(mean), var * count])  # n, mean, M2
+        count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
+        # n, mean, M2; an empty rank contributes (0, 0, 0), not its NaN statistics (torch drops it)
+        empty = count == 0
+        mine = torch.stack([count, mean.masked_fill(empty, 0), (var * count).masked_fill(empty, 0)])
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
         n_i, mean_i, m2_i = torch.stack(gathered).unbind(1)
@@ -181,9 +184,9 @@ class _SyncBatchNormAct(torch.autograd.Function):
         g_var = (m2_i + n_i * (mean_i - g_mean) ** 2).sum(0) / n
         invstd = torch.rsqrt(g_var + eps)
         total = int(n[0].item())
-        if total <= 1:
+        if total == 1:  # over all ranks, as torch (every rank empty: an empty output, stats unchanged)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-        if running_mean is not None:
+        if running_mean is not None and total > 0:
             _ops.update_running_stats(running_mean, running_var, g_mean, g_var, total, factor)
         y = k("batch_norm_act_forward")(x, g_mean, invstd, weight, bias, prelu, act, slope)
         ctx.save_for_backward(x, weight, bias, prelu, g_mean, invstd)

@@ -80,7 +80,8 @@ def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor |
 
 
 def _eval_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _as(running_mean, _acc(x)), _as(torch.rsqrt(running_var + eps), _acc(x))
+    # in the compute dtype, as torch: a small eps added to fp16 running_var would underflow
+    return _as(running_mean, _acc(x)), torch.rsqrt(_as(running_var, _acc(x)) + eps)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -148,7 +149,10 @@ def _check_dtypes(input: Tensor, params: list[Tensor | None]) -> None:
     raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
 
 
-def _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight) -> None:
+def _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight,
+           local_batch: bool = True) -> None:
+    """torch's checks; ``local_batch=False`` leaves the batch-size check to the caller (SyncBatchNorm
+    checks the total over all ranks)."""
     _checks.tensor_arg("batch_norm", "input", 1, input)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -159,10 +163,12 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, activa
         prods = size[0] if input.dim() > 0 else 1
         for d in size[2:]:
             prods *= d
-        if prods == 1:
+        if prods == 1 and local_batch:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
         if eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     elif running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if input.dim() < 2:
@@ -198,19 +204,22 @@ def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tens
     if not training:
         return _eval(input, running_mean, running_var, weight, bias, prelu, eps, act, slope)
     y, mean, _, var = _train(input, weight, bias, prelu, eps, act, slope)
-    if running_mean is not None:
+    if running_mean is not None and input.numel() > 0:  # an empty batch leaves them as they are, as torch
         update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
     return y
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
                          momentum: float | Tensor) -> None:
-    """torch's update: the running variance takes the unbiased batch variance."""
+    """torch's update, ``momentum * batch + (1 - momentum) * running`` (the running variance takes the
+    unbiased batch variance). Not as a lerp: for momentum >= 0.5 lerp computes end - (end - start) * (1 - w),
+    which turns an overflowed (inf) batch variance into inf - inf = NaN where torch keeps inf."""
     with torch.no_grad():
         unbiased = var * (count / max(count - 1, 1))
         if isinstance(momentum, Tensor):  # momentum=None's cumulative factor
             running_mean.copy_(mean * momentum + running_mean * (1 - momentum))
             running_var.copy_(unbiased * momentum + running_var * (1 - momentum))
-        else:  # one op for both buffers: on small inputs these ops cost more than the kernels
-            torch._foreach_lerp_([running_mean, running_var],
-                                 [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum)
+        else:  # foreach ops for both buffers: on small inputs these ops cost more than the kernels
+            bufs = [running_mean, running_var]
+            torch._foreach_mul_(bufs, 1.0 - momentum)
+            torch._foreach_add_(bufs, [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], alpha=momentum)

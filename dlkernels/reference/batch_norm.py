@@ -53,8 +53,12 @@ def _dims(x: Tensor) -> list[int]:
 
 
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    var, mean = torch.var_mean(x.to(_acc(x)), _dims(x), correction=0)
-    return mean, var
+    if x.numel() == 0:  # NaN, as var_mean of nothing, without its warning
+        nan = torch.full((x.shape[1],), float("nan"), dtype=_acc(x), device=x.device)
+        return nan, nan.clone()
+    xa = x.to(_acc(x))
+    # mean as a sum / n, as torch's batch norm: var_mean's Welford update turns an inf into NaN
+    return xa.mean(_dims(x)), xa.var(_dims(x), correction=0)
 
 
 def _pre_activation(x, mean, invstd, weight, bias) -> tuple[Tensor, Tensor]:
@@ -106,7 +110,10 @@ def batch_norm_act_backward_elemt(grad, x, mean, invstd, weight, bias, prelu_wei
     xhat, z = _pre_activation(x, mean, invstd, weight, bias)
     dz = _act_backward(grad, z, x, prelu_weight, act, slope)
     scale = _per_channel(weight, x, 1.0) * _per_channel(invstd, x, 1.0)
-    gx = scale * (dz - _per_channel(sum_dz, x, 0.0) / count - xhat * _per_channel(sum_dz_xhat, x, 0.0) / count)
+    q = _per_channel(sum_dz_xhat, x, 0.0) / count
+    # the xhat term vanishes where its coefficient is 0 (eval), also at an infinite x: not 0 * inf = NaN
+    stat = torch.where(q == 0, torch.zeros_like(xhat), xhat * q)
+    gx = scale * (dz - _per_channel(sum_dz, x, 0.0) / count - stat)
     return gx.to(x.dtype)
 
 
