@@ -58,7 +58,11 @@ sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # -fno-trapping-math: lets GCC compute both sides of a select (`x > 0 ? x : x * s`) and blend,
 # so those loops vectorize on AVX2 and SSE2 too (AVX-512 masks them either way); no value changes,
 # and nothing here reads floating-point exception flags.
-cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+# -ffp-contract=off: no fused multiply-add unless the source asks for one (fma()); GCC otherwise
+# contracts a * b + c on the AVX2/AVX-512 levels but not on SSE2, and the levels' results would
+# differ in the last bit.
+cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wall",
+       "-Wno-unused-function"]
 ext_kwargs = dict(extra_link_args=["-fopenmp"])
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -1,6 +1,7 @@
-"""The CPU kernels' numerical checks of every family at each SIMD level this CPU runs below its
-best (the best level is what the rest of the test run uses): each level runs those tests in a
-pytest subprocess under DLK_CPU_CAPABILITY=<level>, which the extension reads when it loads."""
+"""The CPU kernels at each SIMD level this CPU runs below its best (the best level is what the
+rest of the test run uses), each in a subprocess under DLK_CPU_CAPABILITY=<level>, which the
+extension reads when it loads: the numerical tests of every family pass there, and every level
+gives the same bits as the best one (no FMA contraction: see setup.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlkernels import _backend
 
@@ -27,6 +29,75 @@ def _lower_levels() -> list:
     native = levels.index(_backend._C.cpu.native_capability())
     lower = list(levels[:native])
     return lower or [pytest.param("none", marks=pytest.mark.skip(reason="this CPU runs only the default level"))]
+
+
+# Every CPU kernel of every family on seeded inputs (odd sizes, each memory path and dtype).
+OUTPUTS_SCRIPT = r"""
+import sys, torch, dlkernels, dlkernels.functional as F
+from dlkernels import optim
+g = torch.Generator().manual_seed(0)
+out = {}
+def run(name, fn, *xs, grads=True):
+    xs = [x.detach().requires_grad_(grads and x.is_floating_point()) for x in xs]
+    with dlkernels.use_backend("cpu"):
+        y = fn(*xs)
+        out[name] = y.detach()
+        if grads:
+            gy = torch.randn(y.shape, generator=g).to(y.dtype)
+            gs = torch.autograd.grad(y, [x for x in xs if x.requires_grad], gy, allow_unused=True)
+            gs = [t for t in gs if t is not None]
+            out.update({f"{name}/grad{i}": t for i, t in enumerate(gs)})
+for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    x = torch.randn(3, 37, 5, 7, generator=g).to(dt)
+    w = torch.rand(37, generator=g).to(dt)
+    run(f"leaky {dt}", lambda x: F.leaky_relu(x, -0.3), x)
+    run(f"prelu {dt}", F.prelu, x, w)
+    run(f"prelu CL {dt}", F.prelu, x.to(memory_format=torch.channels_last), w)
+    for shape, cl in (((4, 3, 67, 5), False), ((5, 32, 3, 3), True), ((6, 3, 4, 4), True), ((300, 16), False)):
+        xb = (torch.randn(shape, generator=g) * 2 + 3).to(dt)
+        xb = xb.to(memory_format=torch.channels_last) if cl else xb
+        c, pdt = shape[1], torch.float64 if dt == torch.float64 else torch.float32
+        wb, bb = (torch.rand(c, generator=g) + 0.5).to(pdt), torch.randn(c, generator=g).to(pdt)
+        for act in (None, "relu", "leaky_relu", "prelu"):
+            p = torch.full((c,), 0.2, dtype=pdt)
+            run(f"bn {shape} {cl} {act} {dt}", lambda x, w, b, p, act=act: F.batch_norm_act(
+                x, None, None, w, b, training=True, activation=act, negative_slope=0.1, prelu_weight=p), xb, wb, bb, p)
+            rm, rv = torch.randn(c, generator=g).to(pdt), torch.rand(c, generator=g).to(pdt) + 0.5
+            run(f"bn eval {shape} {cl} {act} {dt}", lambda x, w, b, p, act=act, rm=rm, rv=rv: F.batch_norm_act(
+                x, rm, rv, w, b, training=False, activation=act, prelu_weight=p), xb, wb, bb, p)
+for cls, kw in ((optim.FusedAdamW, dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5)),
+                (optim.FusedRMSprop, dict(lr=1e-2, momentum=0.9, centered=True, clip_value=0.3))):
+    ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1, 37, 1000)]
+    opt = cls(ps, **kw)
+    for _ in range(3):
+        for q in ps:
+            q.grad = torch.randn(q.shape, generator=g)
+        opt.step()
+    out.update({f"{cls.__name__} {i}": q.detach().clone() for i, q in enumerate(ps)})
+    out[f"{cls.__name__} state"] = torch.cat([t.flatten() for s in opt.state.values() for t in s.values()
+                                              if torch.is_tensor(t) and t.is_floating_point()])
+torch.save(out, sys.argv[1])
+"""
+
+
+def _outputs(level: str | None, path: Path) -> dict:
+    env = dict(os.environ)
+    env.pop("DLK_CPU_CAPABILITY", None)
+    if level is not None:
+        env["DLK_CPU_CAPABILITY"] = level
+    proc = subprocess.run([sys.executable, "-c", OUTPUTS_SCRIPT, str(path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("level", _lower_levels())
+def test_every_level_gives_the_same_bits(level, tmp_path):
+    best, ours = _outputs(None, tmp_path / "best.pt"), _outputs(level, tmp_path / f"{level}.pt")
+    assert best.keys() == ours.keys()
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731  (NaNs compare too)
+    differ = [k for k in best if not torch.equal(bits(best[k]), bits(ours[k]))]
+    assert not differ, f"{len(differ)} of {len(best)} outputs differ from the best level's: {differ[:10]}"
 
 
 @pytest.mark.parametrize("level", _lower_levels())
