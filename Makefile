@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup test bench lint
+.PHONY: setup test bench lint gpu-check
 
 setup:
 	$(PIP) install -r requirements-dev.txt
@@ -21,3 +21,9 @@ bench: setup
 
 lint:
 	$(PYTHON) -m ruff check .
+
+# On a machine with a CUDA GPU (no network needed): build for that GPU, run the GPU tests and a GPU
+# benchmark; logs and JSON in $(RESULTS). Without a GPU it says so and exits 0.
+RESULTS ?= bench/results
+gpu-check:
+	PYTHON=$(PYTHON) RESULTS=$(RESULTS) bench/gpu_check.sh

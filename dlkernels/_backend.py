@@ -178,7 +178,8 @@ def impl(family: str, name: str, device: torch.device) -> Callable:
     """The function ``name`` of ``family`` on the backend selected for ``device``.
 
     A family a backend has no kernels for (e.g. no Triton optimizers) raises when that backend
-    was asked for by name, and runs on the reference when it was only the automatic choice.
+    was asked for by name; when it was only the automatic choice, the op runs on the reference,
+    with a warning (once per backend and kernel) that names what is missing: never silently slow.
     """
     backend = select(device)
     try:
@@ -186,4 +187,12 @@ def impl(family: str, name: str, device: torch.device) -> Callable:
     except (ModuleNotFoundError, AttributeError) as e:
         if backend == "reference" or requested() == backend:
             raise BackendUnavailableError(f"dlkernels backend '{backend}' has no {family} kernel {name!r}") from e
+        if (backend, family, name) not in _fallbacks_warned:
+            _fallbacks_warned.add((backend, family, name))
+            warnings.warn(f"dlkernels: backend '{backend}' (chosen for {device.type} tensors) has no {family} kernel "
+                          f"{name!r}; it runs on the slow 'reference' backend (plain torch) instead",
+                          RuntimeWarning, stacklevel=3)
         return getattr(_module("reference", family), name)
+
+
+_fallbacks_warned: set[tuple[str, str, str]] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,20 @@ def test_python_m_dlkernels_reports_every_backend():
     if _backend._C is not None:
         assert "CPU SIMD path" in out.stdout
         assert "cpu        activation   ok" in out.stdout
+
+
+def test_automatic_backend_without_a_kernel_warns_once(monkeypatch):
+    """An automatically chosen backend that lacks a kernel runs the reference, with a warning."""
+    monkeypatch.delenv("DLK_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "select", lambda device: "cpu")
+    monkeypatch.setattr(_backend, "_module", lambda backend, family: (
+        __import__("dlkernels.reference.activation", fromlist=["x"]) if backend == "reference" else object()))
+    monkeypatch.setattr(_backend, "_fallbacks_warned", set())
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' .* has no activation kernel 'leaky_relu'.*reference"):
+        fn = _backend.impl("activation", "leaky_relu", torch.device("cpu"))
+    assert fn is dlkernels.reference.activation.leaky_relu
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _backend.impl("activation", "leaky_relu", torch.device("cpu"))  # once only
+    with dlkernels.use_backend("cpu"), pytest.raises(dlkernels.BackendUnavailableError, match="no activation kernel"):
+        _backend.impl("activation", "leaky_relu", torch.device("cpu"))
