@@ -444,6 +444,40 @@ def test_infinities_in_a_training_batch_reach_running_stats_like_torch(backend, 
     torch.testing.assert_close(ours.running_var[chans], theirs.running_var[chans], equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "prelu"])
+def test_input_equal_to_the_mean_normalizes_to_the_bias(backend, act):
+    """x == mean gives exactly the bias (0), so the activation's gradient there is torch's (a
+    double-folded shift left a residue of 0.0156 that flipped ReLU's gradient)."""
+    x = torch.full((2, 1), -50.0, requires_grad=True)
+    w, b, p, g = torch.tensor([0.42501047]), torch.zeros(1), torch.full((1,), 0.25), torch.tensor([[1.0], [0.0]])
+    with dlkernels.use_backend(backend):
+        y = F.batch_norm_act(x, None, None, w, b, training=True, eps=1e-8, activation=act, prelu_weight=p)
+        (gx,) = torch.autograd.grad(y, x, g)
+    y_t = TF.batch_norm(x, None, None, w, b, training=True, eps=1e-8)
+    y_t = {"relu": TF.relu, "leaky_relu": lambda t: TF.leaky_relu(t, 0.01), "prelu": lambda t: TF.prelu(t, p)}[act](y_t)
+    (gx_t,) = torch.autograd.grad(y_t, x, g)
+    assert not y.any()
+    torch.testing.assert_close(gx, gx_t, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_running_var_does_not_overflow(backend):
+    ours, theirs = dnn.BatchNorm1d(1, dtype=torch.float16), torch.nn.BatchNorm1d(1, dtype=torch.float16)
+    x = torch.tensor([[-300.0], [300.0]], dtype=torch.float16)
+    with dlkernels.use_backend(backend):
+        ours(x)
+    theirs(x)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_eval_without_running_stats_on_an_empty_input_like_torch():
+    x = torch.randn(0, 3)
+    assert F.batch_norm(x, None, None, training=False).shape == TF.batch_norm(x, None, None, training=False).shape
+    with pytest.raises(RuntimeError, match="running_mean must be defined"):
+        F.batch_norm(torch.randn(2, 3), None, None, training=False)
+
+
 # ---- SyncBatchNorm on 2 gloo ranks ----
 
 def _free_port() -> int:

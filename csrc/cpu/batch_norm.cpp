@@ -386,6 +386,7 @@ DLK_MULTIVERSION(void, moments_strip, (const double* x, int64_t rows, int64_t ld
 // slopes, or 0), rounded through the compute type as the kernels see them.
 struct ChannelParams {
   std::vector<double> w, b, slope;
+  bool as_float;  // the kernels compute in float (float32/16/bf16 input), else double
 };
 
 // A [C] (or 1-element, broadcast) tensor's values read in place, no tensor ops (they would cost
@@ -415,7 +416,7 @@ std::vector<double> param_values(const std::optional<at::Tensor>& t, const at::T
 ChannelParams channel_params(const at::Tensor& x, const std::optional<at::Tensor>& w,
                              const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
                              int64_t act, double slope) {
-  ChannelParams p{param_values(w, x, 1.0), param_values(b, x, 0.0), {}};
+  ChannelParams p{param_values(w, x, 1.0), param_values(b, x, 0.0), {}, acc_type(x) == at::kFloat};
   p.slope = act == kActPrelu ? param_values(prelu_w, x, 0.0)
                              : std::vector<double>(x.size(1), act == kActLeakyRelu ? slope : 0.0);
   return p;
@@ -427,7 +428,15 @@ RowK<double> channel_k(const ChannelParams& p, int64_t c, double mean, double in
                        const double* sum_dz = nullptr, const double* sum_dz_xhat = nullptr, double count = 1) {
   RowK<double> k{};
   k.scale = p.w[c] * invstd;
-  k.shift = p.b[c] - mean * k.scale;
+  // The shift is folded in the compute type from the scale and mean as the kernels see them
+  // (rounded), as torch's CPU kernel does: x == mean then gives exactly the bias, not a rounding
+  // residue of a double fold that an activation's gradient would see as positive or negative.
+  if (p.as_float) {
+    const float sf = float(k.scale);
+    k.shift = double(float(p.b[c]) - float(mean) * sf);
+  } else {
+    k.shift = p.b[c] - mean * k.scale;
+  }
   k.slope = p.slope[c];
   k.mean = mean;
   k.invstd = invstd;

@@ -169,7 +169,7 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, activa
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    elif running_mean is None:
+    elif running_mean is None and input.numel() > 0:  # torch returns an empty input as it is
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if input.dim() < 2:
         raise ValueError(f"dlkernels batch_norm: input needs a channel dimension (dim 1), got {input.dim()}-d input")
@@ -202,6 +202,8 @@ def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tens
     slope = _checks.number_arg("batch_norm_act", "negative_slope", 10, negative_slope)
     prelu = prelu_weight if act == ACT_PRELU else None
     if not training:
+        if running_mean is None:  # an empty input (checked above): as torch, an empty output
+            return input.clone()
         return _eval(input, running_mean, running_var, weight, bias, prelu, eps, act, slope)
     y, mean, _, var = _train(input, weight, bias, prelu, eps, act, slope)
     if running_mean is not None and input.numel() > 0:  # an empty batch leaves them as they are, as torch
@@ -216,7 +218,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     which turns an overflowed (inf) batch variance into inf - inf = NaN where torch keeps inf."""
     with torch.no_grad():
         unbiased = var * (count / max(count - 1, 1))
-        if isinstance(momentum, Tensor):  # momentum=None's cumulative factor
+        if running_mean.dtype in _REDUCED:  # in float32, as torch: a large variance overflows fp16 before * momentum
+            for buf, stat in ((running_mean, mean), (running_var, unbiased)):
+                buf.copy_(stat * momentum + buf.float() * (1 - momentum))
+        elif isinstance(momentum, Tensor):  # momentum=None's cumulative factor
             running_mean.copy_(mean * momentum + running_mean * (1 - momentum))
             running_var.copy_(unbiased * momentum + running_var * (1 - momentum))
         else:  # foreach ops for both buffers: on small inputs these ops cost more than the kernels
