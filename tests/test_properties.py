@@ -1266,7 +1266,7 @@ BN_EXPLICIT: dict[str, list[tuple[object, bool]]] = {
     "nonfinite": [
         (BNCase(shape=(4, 3), training=False, running="random", activation="leaky_relu", negative_slope=0.2,
                 nonfinite=((0.1, "inf"), (0.5, "-inf"))), True),  # eval backward: finite where x is infinite
-        (BNCase(shape=(4, 3), momentum=0.5, nonfinite=((0.1, "inf"),)), False),  # running_mean: inf, not NaN
+        (BNCase(shape=(4, 3), momentum=0.5, nonfinite=((0.1, "inf"),)), True),  # running_mean: inf, not NaN
         (BNCase(shape=(4, 3), momentum=1.0, nonfinite=((0.1, "-inf"), (0.6, "nan"))), False),
     ],
     "errors": [
@@ -1288,8 +1288,7 @@ def _module_property(mode: str, examples: dict[str, int]) -> None:
 
 _module_property("train", {"cpu": 200, "reference": 80, "triton": 6})
 _module_property("eval", {"cpu": 150, "reference": 60, "triton": 5})
-# Not on triton: its Welford lanes turn an inf in a training batch into a NaN mean (torch: inf); known, not fixed.
-_module_property("nonfinite", {"cpu": 120, "reference": 50})
+_module_property("nonfinite", {"cpu": 120, "reference": 50, "triton": 4})
 fuzz_property("batch_norm", "functional", lambda b: bn_calls(b, False), bn_run_functional_call,
               {"cpu": 120, "reference": 50, "triton": 4})
 fuzz_property("batch_norm", "errors", lambda b: bn_calls(b, True),

@@ -102,9 +102,9 @@ def _stats_kernel(
     x_ptr, shift_ptr, part_ptr, m, C, inner, inner_m, inner_s,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
-    # part: [3, C, SPLIT] float64 of (count, mean - shift, M2). Each lane keeps Welford moments of
-    # its own positions, shifted by one value of the channel so that a large mean costs no
-    # precision; a lane active in iteration k has seen exactly k + 1 values (a lane drops out only
+    # part: [4, C, SPLIT] float64 of (count, mean - shift, M2, sum of the non-finite values). Each
+    # lane keeps Welford moments of its own positions, shifted by one value of the channel so that a
+    # large mean costs no precision; a lane active in iteration k has seen exactly k + 1 values (a lane drops out only
     # past the end, for good), so one scalar reciprocal per iteration replaces a division. The
     # lanes merge in float64: a float32 merge tree adds a few ulp to the mean, and that error is
     # systematic per channel (the backward multiplies it by mean(grad)).
@@ -114,10 +114,16 @@ def _stats_kernel(
     mean = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     m2 = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     cnt = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
+    bad = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     k = tl.full([], 1.0, acc_ty)
     for start in range(s * BLOCK_P, m, split * BLOCK_P):
         offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
         x = tl.load(x_ptr + offs, mask=mask, other=0).to(acc_ty) - shift
+        # +-inf/NaN are summed apart (inf + finite = inf, as torch's mean) and count as 0 in the
+        # Welford update, whose inf - inf would make the mean NaN
+        finite = x - x == 0
+        bad += tl.where(finite, 0.0, x)
+        x = tl.where(finite, x, 0.0)
         delta = tl.where(mask, x - mean, 0.0)
         mean += delta * (1.0 / k)
         m2 += delta * (x - mean)
@@ -131,6 +137,7 @@ def _stats_kernel(
     tl.store(part_ptr + base, n_c, mask=cm)
     tl.store(part_ptr + plane + base, mean_c, mask=cm)
     tl.store(part_ptr + 2 * plane + base, m2_c, mask=cm)
+    tl.store(part_ptr + 3 * plane + base, tl.sum(bad.to(f64), 0), mask=cm)
 
 
 # `slope` is annotated fp64 so float64 inputs see the exact slope (see activation.py).
@@ -250,17 +257,19 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return nan, nan.clone()
     xd = _dense(x)
     grid, args, consts = _geometry(xd)
-    part = torch.empty((3, c, grid[1]), dtype=torch.float64, device=x.device)
-    # the shift: each channel's first value in memory (offset c * inner)
-    shift = xd.as_strided((c,), (args[2],)).to(acc).contiguous()
+    part = torch.empty((4, c, grid[1]), dtype=torch.float64, device=x.device)
+    # the shift: each channel's first value in memory (offset c * inner), 0 where it is not finite
+    shift = xd.as_strided((c,), (args[2],)).to(acc)
+    shift = torch.where(shift.isfinite(), shift, 0).contiguous()
     with _device(xd):
         _stats_kernel[grid](xd, shift, part, *args, **consts)
     # Chan's merge of the SPLIT partials in closed form, in float64 (tiny tensors)
-    n, mu, m2 = part.unbind(0)
+    n, mu, m2, bad = part.unbind(0)
     total = n.sum(1)
     mean = (n * mu).sum(1) / total
     var = (m2.sum(1) + (n * (mu - mean[:, None]) ** 2).sum(1)) / total
-    return (mean + shift.double()).to(acc), var.to(acc)
+    bad = bad.sum(1)  # 0, or the channel's +-inf / NaN: the mean takes it, the variance is NaN
+    return (mean + shift.double() + bad).to(acc), (var + bad * 0).to(acc)
 
 
 def batch_norm_act_forward(

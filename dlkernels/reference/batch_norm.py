@@ -57,8 +57,10 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         nan = torch.full((x.shape[1],), float("nan"), dtype=_acc(x), device=x.device)
         return nan, nan.clone()
     xa = x.to(_acc(x))
-    # mean as a sum / n, as torch's batch norm: var_mean's Welford update turns an inf into NaN
-    return xa.mean(_dims(x)), xa.var(_dims(x), correction=0)
+    # two passes, as torch's batch norm: var_mean's Welford update turns an inf into a NaN mean, and
+    # torch.var loses ~1e3 ulps of float64 variance when |mean| / std is 1e7
+    mean = xa.mean(_dims(x))
+    return mean, ((xa - _per_channel(mean, x, 0.0)) ** 2).mean(_dims(x))
 
 
 def _pre_activation(x, mean, invstd, weight, bias) -> tuple[Tensor, Tensor]:
