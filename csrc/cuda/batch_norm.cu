@@ -68,18 +68,25 @@ __global__ void __launch_bounds__(kThreads)
                     double* __restrict__ part, BnShape s) {
   using A = compute_t<T>;
   const int64_t c = my_channel();
-  A tn = 0, tmean = 0, tm2 = 0;
+  A tn = 0, tmean = 0, tm2 = 0, bad = 0;
   if (c < s.channels) {
     const A k0 = shift[c];
     for_each_position(c, s, [&](int64_t i) {
-      const A v = to_compute(x[i]) - k0;
+      A v = to_compute(x[i]) - k0;
+      // +-inf/NaN are summed apart (inf + finite = inf, as torch's mean) and count as the shift in
+      // the update, whose inf - inf would make the mean NaN
+      if (!(v - v == A(0))) {
+        bad += v;
+        v = A(0);
+      }
       tn += A(1);
       const A d = v - tmean;
       tmean += div_count(d, tn);
       tm2 += d * (v - tmean);
     });
   }
-  double n = tn, mean = tmean, m2 = tm2;
+  // a non-finite sum makes the mean inf (or NaN) and M2 NaN, as torch's; 0 changes nothing
+  double n = tn, mean = double(tmean) + double(bad), m2 = double(tm2) + double(bad - bad);
   __shared__ double sn[kThreads], smean[kThreads], sm2[kThreads];
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
   sn[t] = n;

@@ -3,6 +3,8 @@
 // form), on [C, split] tensors.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -77,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
   const at::Tensor xd = dense(x);
   const Geometry geo = geometry(xd);
   // One value of each channel (its first in memory) that the kernel subtracts before Welford.
-  const at::Tensor shift = xd.as_strided({c}, {geo.shape.inner}).to(acc).contiguous();
+  at::Tensor shift = xd.as_strided({c}, {geo.shape.inner}).to(acc);
+  shift = at::where(shift.isfinite(), shift, at::zeros_like(shift)).contiguous();  // a non-finite shift: none
   at::Tensor part = at::zeros({3, c, geo.grid.split}, x.options().dtype(at::kDouble));
   launch_bn_stats(dtype_of(x), xd.const_data_ptr(), shift.const_data_ptr(), part.mutable_data_ptr(),
                   geo.shape, geo.grid, stream());
