@@ -52,8 +52,25 @@ if root and not os.environ.get("CUDA_HOME"):
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+
+def _write_codes_header() -> None:
+    """csrc/common/codes.h from dlkernels/codes.py, the one definition of the cross-language codes
+    (loaded by path: the package's __init__ imports the extension being built)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dlk_codes", os.path.join("dlkernels", "codes.py"))
+    codes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codes)
+    path = os.path.join("csrc", "common", "codes.h")
+    text = codes.cpp_header()
+    if not os.path.exists(path) or open(path).read() != text:  # unchanged: no rebuild of its users
+        with open(path, "w") as f:
+            f.write(text)
+
+
+_write_codes_header()
 with_cuda = _want_cuda(torch.version.cuda, root)
-sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/bind/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 # -fno-math-errno: sqrt that may set errno is a call GCC will not vectorize (optim kernels).
 # -fno-trapping-math: lets GCC compute both sides of a select (`x > 0 ? x : x * s`) and blend,
 # so those loops vectorize on AVX2 and SSE2 too (AVX-512 masks them either way); no value changes,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the GPU checks for a short-lived machine with one CUDA GPU, torch and triton
 # already installed and no network. Nothing is installed from a registry: the extension is built
-# for the local GPU's architecture only (--no-deps, no build isolation), then tests/test_gpu.py and
+# for the local GPU's architecture only (--no-deps, no build isolation), then the GPU tests (-m gpu) and
 # a GPU benchmark of every family (cuda and triton backends vs torch eager and torch.compile) run.
 # Logs and JSON go to $RESULTS (default bench/results/). Without a GPU it says so and exits 0.
 set -uo pipefail
@@ -32,8 +32,8 @@ fi
 "$PYTHON" -m dlkernels 2>&1 | tee "$RESULTS/gpu-selfcheck.log"
 
 status=0
-log "tests/test_gpu.py"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_optim.py -k "gpu or cuda" \
+log "GPU tests of every family (pytest -m gpu)"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests -m gpu \
     2>&1 | tee "$RESULTS/gpu-tests.log" | tail -15 || status=1
 
 # One run per dlkernels backend; torch's contenders are the same in both, so only the first

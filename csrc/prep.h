@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include "common/codes.h"
+
 namespace dlk {
 
 // x itself when it has no gaps or overlaps (any dim order, e.g. channels_last), else a dense copy
@@ -83,9 +85,9 @@ inline void check_batch_norm_params(const at::Tensor& x, const std::optional<at:
               "-d input");
   if (w) check_channel_tensor(*w, x, "weight");
   if (b) check_channel_tensor(*b, x, "bias");
-  TORCH_CHECK(act >= 0 && act <= 3, "dlkernels batch_norm: unknown activation code ", act);
-  TORCH_CHECK(act != 3 || prelu_w.has_value(), "dlkernels batch_norm: prelu needs prelu_weight");
-  if (act == 3) check_channel_tensor(*prelu_w, x, "prelu_weight", /*allow_one=*/true);
+  TORCH_CHECK(act >= kActNone && act <= kActPrelu, "dlkernels batch_norm: unknown activation code ", act);
+  TORCH_CHECK(act != kActPrelu || prelu_w.has_value(), "dlkernels batch_norm: prelu needs prelu_weight");
+  if (act == kActPrelu) check_channel_tensor(*prelu_w, x, "prelu_weight", /*allow_one=*/true);
 }
 
 inline void check_batch_norm_args(const at::Tensor& x, const at::Tensor& mean,

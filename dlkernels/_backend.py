@@ -181,6 +181,15 @@ def impl(family: str, name: str, device: torch.device) -> Callable:
     was asked for by name; when it was only the automatic choice, the op runs on the reference,
     with a warning (once per backend and kernel) that names what is missing: never silently slow.
     """
+    # Resolved once per (request, device type, kernel): ops call this on every call.
+    key = (_override.get(), os.environ.get("DLK_BACKEND"), device.type, family, name)
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _resolve(family, name, device)
+    return fn
+
+
+def _resolve(family: str, name: str, device: torch.device) -> Callable:
     backend = select(device)
     try:
         return getattr(_module(backend, family), name)
@@ -196,3 +205,4 @@ def impl(family: str, name: str, device: torch.device) -> Callable:
 
 
 _fallbacks_warned: set[tuple[str, str, str]] = set()
+_resolved: dict[tuple, Callable] = {}

@@ -41,3 +41,14 @@ def assert_close_like_torch(ours: torch.Tensor, theirs: torch.Tensor, exact: tor
     scale = exact64[finite].abs().max().item() if finite.any() else 0.0
     bound = 2 * torch_err + ATOL[ours.dtype] * max(1.0, scale)
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` (each family's GPU runtime tests; ``pytest -m gpu`` runs them all)
+    skip where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

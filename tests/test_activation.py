@@ -261,3 +261,31 @@ def test_torch_compile_fullgraph(compile_backend):
     grads_c = torch.autograd.grad(compiled(x).sum(), list(model.parameters()))
     for a, b in zip(grads, grads_c, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- on a GPU (pytest -m gpu; skipped without one) ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_activation_on_gpu(backend, dtype, layout):
+    x = torch.randn(4, 33, 17, 9, device="cuda", dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, ::2]
+    x = x.to(dtype).requires_grad_()
+    w = torch.rand(33, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn(x.shape, device="cuda", dtype=dtype)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    with dlkernels.use_backend(backend):
+        ours = [F.leaky_relu(x, 0.1), F.prelu(x, w)]
+        ours_g = torch.autograd.grad(ours, (x, w), (g, g))
+    theirs = [TF.leaky_relu(x, 0.1), TF.prelu(x, w)]
+    theirs_g = torch.autograd.grad(theirs, (x, w), (g, g))
+    exact = [TF.leaky_relu(x64, 0.1), TF.prelu(x64, w64)]
+    exact_g = torch.autograd.grad(exact, (x64, w64), (g.double(), g.double()))
+    for a, b, c in zip(ours + list(ours_g[:1]), theirs + list(theirs_g[:1]), exact + list(exact_g[:1]), strict=True):
+        assert_close_like_torch(a, b, c)
+    torch.testing.assert_close(ours_g[1].double(), exact_g[1], rtol=1e-2, atol=1e-2)

@@ -106,6 +106,7 @@ def test_automatic_backend_without_a_kernel_warns_once(monkeypatch):
     monkeypatch.setattr(_backend, "_module", lambda backend, family: (
         __import__("dlkernels.reference.activation", fromlist=["x"]) if backend == "reference" else object()))
     monkeypatch.setattr(_backend, "_fallbacks_warned", set())
+    monkeypatch.setattr(_backend, "_resolved", {})
     with pytest.warns(RuntimeWarning, match="backend 'cpu' .* has no activation kernel 'leaky_relu'.*reference"):
         fn = _backend.impl("activation", "leaky_relu", torch.device("cpu"))
     assert fn is dlkernels.reference.activation.leaky_relu

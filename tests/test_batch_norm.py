@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as TF
-from conftest import assert_close_like_torch, backend_params
+from conftest import DTYPES, assert_close_like_torch, backend_params
 
 import dlkernels
 import dlkernels.functional as F
@@ -574,3 +574,44 @@ def test_sync_batch_norm_without_process_group_is_batch_norm():
         torch.nn.Sequential(torch.nn.BatchNorm2d(3), dnn.BatchNormAct2d(3)))
     assert isinstance(converted[0], dnn.SyncBatchNorm) and converted[1].sync
     assert os.environ.get("RANK") is None
+
+
+# ---- on a GPU (pytest -m gpu; skipped without one) ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu", "prelu"])
+def test_batch_norm_on_gpu(backend, dtype, layout, act):
+    """BatchNormAct2d on CUDA tensors against torch's BatchNorm2d + activation: training output,
+    every gradient and the running statistics, then eval."""
+    x = torch.randn(6, 33, 7, 9, device="cuda", dtype=torch.float64) * 2 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    g = torch.randn(x.shape, device="cuda", dtype=dtype)
+    ours = dlkernels.nn.BatchNormAct2d(33, activation=act, negative_slope=0.2, prelu_parameters=33).cuda()
+    bn = torch.nn.BatchNorm2d(33).cuda()
+    extra = {None: [], "relu": [torch.nn.ReLU()], "leaky_relu": [torch.nn.LeakyReLU(0.2)],
+             "prelu": [torch.nn.PReLU(33)]}[act]
+    theirs = torch.nn.Sequential(bn, *extra).cuda()
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ours.to(param_dtype), theirs.to(param_dtype)
+    if act == "prelu":
+        theirs[1].to(dtype)
+        ours.prelu_weight.data = ours.prelu_weight.data.to(dtype)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train"), theirs.train(mode == "train")
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with dlkernels.use_backend(backend):
+            yo = ours(xo)
+            go = torch.autograd.grad(yo, [xo, ours.weight, ours.bias], g)
+        yt = theirs(xt)
+        gt = torch.autograd.grad(yt, [xt, bn.weight, bn.bias], g)
+        tol = {"rtol": 2e-2, "atol": 2e-2} if dtype in (torch.float16, torch.bfloat16) else {"rtol": 1e-4, "atol": 1e-4}
+        torch.testing.assert_close(yo, yt, **tol)
+        for a, b in zip(go, gt, strict=True):
+            torch.testing.assert_close(a.to(b.dtype), b, **tol)
+        torch.testing.assert_close(ours.running_mean, bn.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.running_var, bn.running_var, rtol=1e-4, atol=1e-5)

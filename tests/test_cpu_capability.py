@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from dlkernels import _backend
+from dlkernels.ops import FAMILIES
 
 HERE = Path(__file__).resolve().parent
 # The backend-parametrized comparisons with torch and the reference (ids carry "cpu"), plus the
 # build test, which checks that the forced level is the one in use.
-FILES = ["test_activation.py", "test_batch_norm.py", "test_optim.py", "test_build.py"]
+FILES = [f"test_{family}.py" for family in FAMILIES if (HERE / f"test_{family}.py").exists()] + ["test_build.py"]
 SELECT = "cpu and not compile"
 
 

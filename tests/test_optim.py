@@ -394,14 +394,14 @@ def test_opcheck(backend):
 
         steps = [torch.zeros(()) for _ in ps]
         coef, skip, scale = torch.tensor(0.5), torch.tensor(0.0), torch.tensor(4.0)
-        torch.library.opcheck(ops.grad_norm, (gs, 2.0, 0.7, scale))
-        torch.library.opcheck(ops.adam_step_, (ps, state(), state(), state(), steps, gs, scale, coef, skip, 1.0,
+        torch.library.opcheck(ops.grad_norm.custom, (gs, 2.0, 0.7, scale))
+        torch.library.opcheck(ops.adam_step_.custom, (ps, state(), state(), state(), steps, gs, scale, coef, skip, 1.0,
                                                1e-3, 0.9, 0.999, 1e-8, 0.1, True, False, False))
-        torch.library.opcheck(ops.rmsprop_step_, (ps, state(), state(), state(), steps, gs, None, coef, None,
+        torch.library.opcheck(ops.rmsprop_step_.custom, (ps, state(), state(), state(), steps, gs, None, coef, None,
                                                   float("inf"), 1e-2, 0.99, 1e-8, 0.0, 0.9, True, True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.gpu
 @pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW, FusedRMSprop], ids=lambda c: c.__name__)
 def test_cuda_matches_torch(cls):
     extra = {"momentum": 0.9, "centered": True} if cls is FusedRMSprop else {"amsgrad": True, "weight_decay": 0.1}

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-# Family modules whose AOT_SPECS are compiled; append new families here.
-FAMILIES = ("activation", "batch_norm")
+
+def families() -> list[str]:
+    """The family modules of triton_ops (every public module; each defines AOT_SPECS)."""
+    here = os.path.dirname(__file__)
+    return sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_"))
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,8 @@ def compile_spec(spec: AotSpec, arch: int) -> dict[str, Any]:
 
 
 def all_specs() -> list[AotSpec]:
-    """AOT_SPECS of every family in FAMILIES, in order."""
+    """AOT_SPECS of every family, in name order."""
     specs: list[AotSpec] = []
-    for fam in FAMILIES:
+    for fam in families():
         specs += importlib.import_module(f".{fam}", __package__).AOT_SPECS
     return specs

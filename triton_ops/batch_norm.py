@@ -20,12 +20,23 @@ import torch
 import triton
 import triton.language as tl
 
-from dlkernels.reference.batch_norm import compose_backward, compose_train
+from dlkernels._dtypes import compute_dtype
+from dlkernels.reference.batch_norm import (
+    ACT_LEAKY_RELU,
+    ACT_NONE,
+    ACT_PRELU,
+    ACT_RELU,
+    compose_backward,
+    compose_train,
+)
 
 from ._aot import AotSpec
 from .activation import _dense, _device, _divider, _divmod, _like
 
-ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_PRELU = 0, 1, 2, 3
+# the codes as compile-time constants of the kernels (dlkernels/codes.py)
+_NONE: tl.constexpr = tl.constexpr(ACT_NONE)
+_RELU: tl.constexpr = tl.constexpr(ACT_RELU)
+_PRELU: tl.constexpr = tl.constexpr(ACT_PRELU)
 BLOCK = 1024  # elements per tile
 _MAX_BLOCK_C = 64  # channels per channels_last tile: 64 contiguous values of a row
 # (channel blocks) * SPLIT programs aimed at: about one full wave of 4-warp programs on a
@@ -65,25 +76,25 @@ def _cload(ptr, cols, C):
 def _slopes(pw_ptr, cols, C, slope, acc_ty: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr):
     # the leaky slope (rounded once to the compute type), or the channels' PReLU slopes
     sl = tl.full([1, BLOCK_C], slope, acc_ty)
-    if ACT == 3:
+    if ACT == _PRELU:
         sl = _cload(pw_ptr, cols, C)
     return sl
 
 
 @triton.jit
 def _act_fwd(z, sl, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == _RELU:
         z = tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch.relu
-    elif ACT >= 2:
+    elif ACT != _NONE:  # leaky ReLU or PReLU: one slope per channel (sl)
         z = tl.where(z > 0, z, z * sl)
     return z
 
 
 @triton.jit
 def _act_bwd(g, z, sl, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == _RELU:
         g = tl.where(z <= 0, 0.0, g)
-    elif ACT >= 2:
+    elif ACT != _NONE:  # leaky ReLU or PReLU: one slope per channel (sl)
         g = tl.where(z > 0, g, g * sl)
     return g
 
@@ -184,14 +195,14 @@ def _bwd_reduce_kernel(
         # where(mask, ...): masked lanes must add 0 even when invstd is inf
         s_dz += tl.where(mask, dz, 0.0)
         s_dzx += tl.where(mask, dz * xhat, 0.0)
-        if ACT == 3:
+        if ACT == _PRELU:
             s_pw += tl.where(mask & ~(z > 0), z * g, 0.0)
     base = cols * split + s
     plane = C * split
     cm = cols < C
     tl.store(part_ptr + base, tl.sum(s_dz, 0), mask=cm)
     tl.store(part_ptr + plane + base, tl.sum(s_dzx, 0), mask=cm)
-    if ACT == 3:
+    if ACT == _PRELU:
         tl.store(part_ptr + 2 * plane + base, tl.sum(s_pw, 0), mask=cm)
 
 
@@ -219,8 +230,6 @@ def _bwd_elemt_kernel(
         tl.store(gi_ptr + offs, (k * (dz - a - stat)).to(gi_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _cvec(t: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
@@ -228,8 +237,8 @@ def _cvec(t: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
     # a single PReLU slope is repeated
     c = x.shape[1]
     if t is None:
-        return torch.full((c,), fill, dtype=_acc_dtype(x), device=x.device)
-    return t.to(_acc_dtype(x)).reshape(-1).expand(c).contiguous()
+        return torch.full((c,), fill, dtype=compute_dtype(x), device=x.device)
+    return t.to(compute_dtype(x)).reshape(-1).expand(c).contiguous()
 
 
 def _geometry(xd: torch.Tensor) -> tuple[tuple[int, int], tuple[int, ...], dict]:
@@ -251,7 +260,7 @@ def _geometry(xd: torch.Tensor) -> tuple[tuple[int, int], tuple[int, ...], dict]
 
 def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (dim 1) mean and biased variance, float32 (float64 for float64 x), shape [C]."""
-    acc, c = _acc_dtype(x), x.shape[1]
+    acc, c = compute_dtype(x), x.shape[1]
     if x.numel() == 0:
         nan = torch.full((c,), float("nan"), dtype=acc, device=x.device)
         return nan, nan.clone()
@@ -311,7 +320,7 @@ def batch_norm_act_backward_reduce(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum_dz, sum_dz_xhat, grad_prelu) in one pass; dz = act'(z) * grad with z recomputed.
     grad_prelu has prelu_weight's shape and dtype, or is an empty float tensor unless act is prelu."""
-    acc, c = _acc_dtype(x), x.shape[1]
+    acc, c = compute_dtype(x), x.shape[1]
     prelu = act == ACT_PRELU
     if x.numel() == 0:
         sums = torch.zeros((3, c), dtype=acc, device=x.device)

@@ -4,12 +4,10 @@
 #include <cmath>
 
 #include "activation.h"
+#include "codes.h"
 #include "macros.h"
 
 namespace dlk {
-
-// Activation codes; the same numbers as dlkernels/reference/batch_norm.py.
-enum Act : int { kActNone = 0, kActRelu = 1, kActLeakyRelu = 2, kActPrelu = 3 };
 
 // `slope` is the leaky slope, or this channel's PReLU slope.
 template <typename T>

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../api.h"
+#include "../api/activation.h"
 #include "../common/activation.h"
 #include "../prep.h"
 #include "simd.h"

@@ -18,7 +18,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../api.h"
+#include "../api/batch_norm.h"
 #include "../common/batch_norm.h"
 #include "../prep.h"
 #include "simd.h"

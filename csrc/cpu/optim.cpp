@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../api.h"
+#include "../api/optim.h"
 #include "../common/optim.h"
 #include "simd.h"
 

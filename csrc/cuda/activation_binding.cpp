@@ -5,7 +5,7 @@
 
 #include <algorithm>
 
-#include "../api.h"
+#include "../api/activation.h"
 #include "../prep.h"
 #include "activation.cuh"
 #include "binding.h"

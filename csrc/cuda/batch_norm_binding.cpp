@@ -13,7 +13,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "../api.h"
+#include "../api/batch_norm.h"
 #include "../common/batch_norm.h"
 #include "../prep.h"
 #include "batch_norm.cuh"

@@ -9,7 +9,7 @@
 #include <map>
 #include <vector>
 
-#include "../api.h"
+#include "../api/optim.h"
 #include "binding.h"
 #include "optim.cuh"
 
@@ -139,7 +139,7 @@ void adam_step_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                        amsgrad ? max_exp_avg_sqs : std::vector<at::Tensor>{}, steps);
   auto [table, chunks] = upload(rows, device);
   const AdamArgs a{lr, beta1, beta2, eps, weight_decay, clip_value,
-                   weight_decay == 0 ? 0 : decoupled_weight_decay ? 2 : 1, amsgrad, maximize};
+                   weight_decay == 0 ? kNoDecay : decoupled_weight_decay ? kDecoupled : kL2, amsgrad, maximize};
   std::vector<at::Tensor> keep;
   const DeviceScalars s{scalar_ptr(grad_scale, device, "grad_scale", keep),
                         scalar_ptr(clip_coef, device, "clip_coef", keep), scalar_ptr(skip, device, "skip", keep)};

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from dlkernels import functional as F
 
+__all__ = ["LeakyReLU", "PReLU"]
+
 
 class LeakyReLU(torch.nn.LeakyReLU):
     """torch.nn.LeakyReLU(negative_slope=0.01, inplace=False) on dlkernels kernels."""

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from dlkernels.ops import batch_norm as _ops
 
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "SyncBatchNorm"]
+
 
 class _FusedForward:
     """torch's _BatchNorm.forward, calling the fused op; subclasses set the activation."""
@@ -36,7 +39,9 @@ class _FusedForward:
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         if bn_training and self._sync_world() > 1:
-            return _sync_batch_norm_act(self, input, running_mean, running_var, factor)
+            return _ops.sync_batch_norm_act(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
+                                            self.activation, self.negative_slope, self._prelu_weight(),
+                                            self.process_group or dist.group.WORLD)
         return _ops.batch_norm_act(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
                                    self.eps, self.activation, self.negative_slope, self._prelu_weight())
 
@@ -150,60 +155,3 @@ class BatchNormAct3d(_BatchNormAct):
     """BatchNorm3d + activation, fused."""
 
     _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
-
-
-# ---- synchronized statistics ----
-
-def _sync_batch_norm_act(m: _FusedForward, input: Tensor, running_mean, running_var, factor) -> Tensor:
-    _ops._check(input, running_mean, running_var, m.weight, m.bias, True, m.eps, m.activation, m._prelu_weight(),
-                local_batch=False)  # the total over all ranks is checked once they are gathered
-    act = _ops.ACTIVATIONS[m.activation]
-    prelu = m._prelu_weight() if act == _ops.ACT_PRELU else None
-    group = m.process_group or dist.group.WORLD
-    return _SyncBatchNormAct.apply(input, m.weight, m.bias, prelu, running_mean, running_var, m.eps, factor, act,
-                                   float(m.negative_slope), group)
-
-
-class _SyncBatchNormAct(torch.autograd.Function):
-    """Local moments -> all_gather -> merged global moments -> fused forward; the backward
-    all-reduces the two per-channel sums. Weight/bias/slope gradients stay local, as torch's."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, prelu, running_mean, running_var, eps, factor, act, slope, group):
-        k = lambda name: _ops.kernels(name, x)  # noqa: E731
-        mean, var = k("batch_norm_stats")(x)
-        count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
-        # n, mean, M2; an empty rank contributes (0, 0, 0), not its NaN statistics (torch drops it)
-        empty = count == 0
-        mine = torch.stack([count, mean.masked_fill(empty, 0), (var * count).masked_fill(empty, 0)])
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, mine, group=group)
-        n_i, mean_i, m2_i = torch.stack(gathered).unbind(1)
-        n = n_i.sum(0)
-        g_mean = (n_i * mean_i).sum(0) / n
-        g_var = (m2_i + n_i * (mean_i - g_mean) ** 2).sum(0) / n
-        invstd = torch.rsqrt(g_var + eps)
-        total = int(n[0].item())
-        if total == 1:  # over all ranks, as torch (every rank empty: an empty output, stats unchanged)
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-        if running_mean is not None and total > 0:
-            _ops.update_running_stats(running_mean, running_var, g_mean, g_var, total, factor)
-        y = k("batch_norm_act_forward")(x, g_mean, invstd, weight, bias, prelu, act, slope)
-        ctx.save_for_backward(x, weight, bias, prelu, g_mean, invstd)
-        ctx.act, ctx.slope, ctx.group, ctx.total = act, slope, group, total
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, prelu, mean, invstd = ctx.saved_tensors
-        k = lambda name: _ops.kernels(name, x)  # noqa: E731
-        sum_dz, sum_dz_xhat, grad_prelu = k("batch_norm_act_backward_reduce")(
-            grad, x, mean, invstd, weight, bias, prelu, ctx.act, ctx.slope)
-        both = torch.stack([sum_dz, sum_dz_xhat])
-        dist.all_reduce(both, group=ctx.group)
-        gx = k("batch_norm_act_backward_elemt")(grad, x, mean, invstd, weight, bias, prelu, both[0], both[1],
-                                                ctx.total, ctx.act, ctx.slope)
-        gw = sum_dz_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = sum_dz.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        gp = grad_prelu if prelu is not None and ctx.needs_input_grad[3] else None
-        return gx, gw, gb, gp, None, None, None, None, None, None, None

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from dlkernels._dtypes import FLOAT_DTYPES
 
 # c10's ScalarType names, as torch prints them in "not implemented for 'Long'".
 _SCALAR_TYPE_NAMES = {

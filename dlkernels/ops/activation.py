@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dlkernels._backend import impl
+from dlkernels._backend import impl, use_backend
 from dlkernels.ops import _checks
+from dlkernels.ops._op import custom_op
 
 _FAMILY = "activation"
+FUNCTIONAL = ("leaky_relu", "prelu")
 
 _INPLACE_NEGATIVE_SLOPE = (
     "In-place leakyReLu backward calculation is triggered with a negative slope which is not "
@@ -26,7 +28,7 @@ _INPLACE_NEGATIVE_SLOPE = (
 
 # ---- leaky ReLU ----
 
-@torch.library.custom_op("dlkernels::leaky_relu", mutates_args=())
+@custom_op("dlkernels::leaky_relu", mutates_args=())
 def _leaky_relu(x: Tensor, negative_slope: float) -> Tensor:
     return impl(_FAMILY, "leaky_relu", x.device)(x, negative_slope)
 
@@ -36,7 +38,7 @@ def _(x: Tensor, negative_slope: float) -> Tensor:
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dlkernels::leaky_relu_backward", mutates_args=())
+@custom_op("dlkernels::leaky_relu_backward", mutates_args=())
 def _leaky_relu_backward(grad: Tensor, x: Tensor, negative_slope: float) -> Tensor:
     return impl(_FAMILY, "leaky_relu_backward", x.device)(grad, x, negative_slope)
 
@@ -69,7 +71,7 @@ def _leaky_relu_bwd_bwd(ctx, gg: Tensor):
 _leaky_relu_backward.register_autograd(_leaky_relu_bwd_bwd, setup_context=_leaky_setup)
 
 
-@torch.library.custom_op("dlkernels::leaky_relu_", mutates_args=("x",))
+@custom_op("dlkernels::leaky_relu_", mutates_args=("x",))
 def _leaky_relu_inplace(x: Tensor, negative_slope: float) -> None:
     impl(_FAMILY, "leaky_relu_", x.device)(x, negative_slope)
 
@@ -98,6 +100,11 @@ class _LeakyReLUInplace(torch.autograd.Function):
 
 
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """``max(0, x) + negative_slope * min(0, x)``, as torch.nn.functional.leaky_relu.
+
+    With ``inplace=True`` the input is overwritten and returned; as in torch, backward through an
+    in-place call with a negative slope raises (the input's sign can no longer be recovered).
+    """
     _checks.tensor_arg("leaky_relu", "input", 1, input)
     slope = _checks.number_arg("leaky_relu", "negative_slope", 2, negative_slope)
     _checks.float_dtype("leaky_relu", input)
@@ -111,7 +118,7 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
 
 # ---- PReLU ----
 
-@torch.library.custom_op("dlkernels::prelu", mutates_args=())
+@custom_op("dlkernels::prelu", mutates_args=())
 def _prelu(x: Tensor, weight: Tensor) -> Tensor:
     return impl(_FAMILY, "prelu", x.device)(x, weight)
 
@@ -121,7 +128,7 @@ def _(x: Tensor, weight: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dlkernels::prelu_backward", mutates_args=())
+@custom_op("dlkernels::prelu_backward", mutates_args=())
 def _prelu_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return impl(_FAMILY, "prelu_backward", x.device)(grad, x, weight)
 
@@ -172,5 +179,32 @@ def _check_prelu(input: Tensor, weight: Tensor) -> None:
 
 
 def prelu(input: Tensor, weight: Tensor) -> Tensor:
+    """``max(0, x) + weight[c] * min(0, x)`` with c the channel (dim 1), as torch's prelu.
+
+    ``weight`` has one element (shared) or ``input.size(1)`` elements.
+    """
     _check_prelu(input, weight)
     return _prelu(input, weight)
+
+
+# ---- `python -m dlkernels` ----
+
+def self_check(device: torch.device) -> float:
+    """Max abs difference to the reference over leaky ReLU / PReLU forward and backward."""
+    from dlkernels import functional  # imports this module: import at call time
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 11, generator=gen).to(device)
+    w = torch.rand(5, generator=gen).to(device)
+    g = torch.randn(x.shape, generator=gen).to(device)
+
+    def run() -> list[torch.Tensor]:
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y1 = functional.leaky_relu(xr, 0.1)
+        y2 = functional.prelu(xr.to(memory_format=torch.channels_last), wr)
+        return [y1, y2, *torch.autograd.grad((y1, y2), (xr, wr), (g, g))]
+
+    got = run()
+    with use_backend("reference"):
+        want = run()
+    return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))

@@ -13,23 +13,27 @@ factor may be a tensor, so ``momentum=None`` does not break ``fullgraph``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from dlkernels._backend import impl
+from dlkernels._backend import impl, use_backend
+from dlkernels._dtypes import REDUCED_DTYPES, compute_dtype
 from dlkernels.ops import _checks
+from dlkernels.ops._op import custom_op
 from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU
 
 _FAMILY = "batch_norm"
+FUNCTIONAL = ("batch_norm", "batch_norm_act")
 ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "prelu": ACT_PRELU}
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _channel_empty(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=_acc(x))
+    return x.new_empty(x.shape[1], dtype=compute_dtype(x))
 
 
 def kernels(name: str, x: Tensor):
@@ -38,7 +42,7 @@ def kernels(name: str, x: Tensor):
 
 # ---- training forward ----
 
-@torch.library.custom_op("dlkernels::batch_norm_act_train", mutates_args=())
+@custom_op("dlkernels::batch_norm_act_train", mutates_args=())
 def _train(x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None, eps: float,
            act: int, slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return kernels("batch_norm_act_train", x)(x, weight, bias, prelu_weight, eps, act, slope)
@@ -59,6 +63,8 @@ def _train_setup(ctx, inputs, output) -> None:
 def _input_grads(ctx, grad: Tensor, need: tuple[bool, bool, bool, bool]) -> list[Tensor | None]:
     """Gradients for (x, weight, bias, prelu_weight), None where not needed."""
     x, weight, bias, prelu_weight, mean, invstd = ctx.saved_tensors
+    if not ctx.training:  # eval saved the running statistics: the backward derives invstd
+        mean, invstd = _eval_stats(x, mean, invstd, ctx.eps)
     grads = _backward_op(grad, x, weight, bias, prelu_weight, mean, invstd, ctx.act, ctx.slope, ctx.training)
     return [g if n else None for g, n in zip(grads, need, strict=True)]
 
@@ -72,7 +78,7 @@ _train.register_autograd(_backward, setup_context=_train_setup)
 
 # ---- eval forward ----
 
-@torch.library.custom_op("dlkernels::batch_norm_act_eval", mutates_args=())
+@custom_op("dlkernels::batch_norm_act_eval", mutates_args=())
 def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
           prelu_weight: Tensor | None, eps: float, act: int, slope: float) -> Tensor:
     mean, invstd = _eval_stats(x, running_mean, running_var, eps)
@@ -81,7 +87,7 @@ def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor |
 
 def _eval_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     # in the compute dtype, as torch: a small eps added to fp16 running_var would underflow
-    return _as(running_mean, _acc(x)), torch.rsqrt(_as(running_var, _acc(x)) + eps)
+    return _as(running_mean, compute_dtype(x)), torch.rsqrt(_as(running_var, compute_dtype(x)) + eps)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -96,9 +102,10 @@ def _(x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope)
 
 def _eval_setup(ctx, inputs, output) -> None:
     x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope = inputs
-    mean, invstd = _eval_stats(x, running_mean, running_var, eps)
-    ctx.save_for_backward(x, weight, bias, prelu_weight, mean, invstd)
-    ctx.act, ctx.slope, ctx.training = act, slope, False
+    # the buffers themselves (autograd's version check guards them), not derived copies: no
+    # per-call work for the backward a forward in eval mode rarely gets
+    ctx.save_for_backward(x, weight, bias, prelu_weight, running_mean, running_var)
+    ctx.act, ctx.slope, ctx.training, ctx.eps = act, slope, False, eps
 
 
 def _eval_backward(ctx, grad: Tensor):
@@ -112,7 +119,7 @@ _eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 # ---- backward ----
 
-@torch.library.custom_op("dlkernels::batch_norm_act_backward", mutates_args=())
+@custom_op("dlkernels::batch_norm_act_backward", mutates_args=())
 def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None,
                  mean: Tensor, invstd: Tensor, act: int, slope: float,
                  training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -126,15 +133,14 @@ def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | 
 
 @_backward_op.register_fake
 def _(grad, x, weight, bias, prelu_weight, mean, invstd, act, slope, training):
-    gw = torch.empty_like(weight) if weight is not None else x.new_empty(0, dtype=_acc(x))
-    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=_acc(x))
-    gp = torch.empty_like(prelu_weight) if act == ACT_PRELU else x.new_empty(0, dtype=_acc(x))
+    gw = torch.empty_like(weight) if weight is not None else x.new_empty(0, dtype=compute_dtype(x))
+    gb = torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=compute_dtype(x))
+    gp = torch.empty_like(prelu_weight) if act == ACT_PRELU else x.new_empty(0, dtype=compute_dtype(x))
     return torch.empty_like(x), gw, gb, gp
 
 
 # ---- public entry: torch's checks, then the ops, then the running statistics ----
 
-_REDUCED = (torch.float16, torch.bfloat16)
 
 
 def _check_dtypes(input: Tensor, params: list[Tensor | None]) -> None:
@@ -142,7 +148,7 @@ def _check_dtypes(input: Tensor, params: list[Tensor | None]) -> None:
     dtypes = {p.dtype for p in params if p is not None}
     if not dtypes or dtypes == {input.dtype}:
         return
-    if input.dtype in _REDUCED and dtypes == {torch.float32}:
+    if input.dtype in REDUCED_DTYPES and dtypes == {torch.float32}:
         return
     if input.dtype == torch.float64 and dtypes == {torch.float32}:
         raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
@@ -193,10 +199,21 @@ def _check(input, running_mean, running_var, weight, bias, training, eps, activa
     _check_dtypes(input, [running_mean, running_var, weight, bias])
 
 
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float | Tensor = 0.1,
+               eps: float = 1e-5) -> Tensor:
+    """torch.nn.functional.batch_norm: statistics over every dim but 1; in training the running
+    statistics (if given) are updated in place with ``momentum`` (a float or a 0-d tensor)."""
+    return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, activation=None)
+
+
 def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                    momentum: float | Tensor = 0.1, eps: float = 1e-5, activation: str | None = "leaky_relu",
                    negative_slope: float = 0.01, prelu_weight: Tensor | None = None) -> Tensor:
+    """``activation(batch_norm(...))`` in one fused pass (two in training: statistics, then
+    normalize+activate). activation: None, "relu", "leaky_relu" (negative_slope) or "prelu"
+    (prelu_weight: 1 or C slopes). The backward recomputes the pre-activation instead of saving it."""
     _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight)
     act = ACTIVATIONS[activation]
     slope = _checks.number_arg("batch_norm_act", "negative_slope", 10, negative_slope)
@@ -218,7 +235,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     which turns an overflowed (inf) batch variance into inf - inf = NaN where torch keeps inf."""
     with torch.no_grad():
         unbiased = var * (count / max(count - 1, 1))
-        if running_mean.dtype in _REDUCED:  # in float32, as torch: a large variance overflows fp16 before * momentum
+        # fp16/bf16 buffers in float32, as torch: a large variance overflows fp16 before * momentum
+        if running_mean.dtype in REDUCED_DTYPES:
             for buf, stat in ((running_mean, mean), (running_var, unbiased)):
                 buf.copy_(stat * momentum + buf.float() * (1 - momentum))
         elif isinstance(momentum, Tensor):  # momentum=None's cumulative factor
@@ -228,3 +246,91 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
             bufs = [running_mean, running_var]
             torch._foreach_mul_(bufs, 1.0 - momentum)
             torch._foreach_add_(bufs, [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], alpha=momentum)
+
+
+# ---- synchronized statistics ----
+
+def sync_batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                        weight: Tensor | None, bias: Tensor | None, momentum: float | Tensor, eps: float,
+                        activation: str | None, negative_slope: float, prelu_weight: Tensor | None,
+                        group: Any) -> Tensor:
+    """Training-mode batch_norm_act with statistics over every rank of ``group`` (a
+    torch.distributed process group, already initialized), as torch's SyncBatchNorm."""
+    _check(input, running_mean, running_var, weight, bias, True, eps, activation, prelu_weight,
+           local_batch=False)  # the total over all ranks is checked once they are gathered
+    act = ACTIVATIONS[activation]
+    prelu = prelu_weight if act == ACT_PRELU else None
+    slope = _checks.number_arg("sync_batch_norm_act", "negative_slope", 9, negative_slope)
+    return _SyncBatchNormAct.apply(input, weight, bias, prelu, running_mean, running_var, eps, momentum, act, slope,
+                                   group)
+
+
+class _SyncBatchNormAct(torch.autograd.Function):
+    """Local moments -> all_gather -> merged global moments -> fused forward; the backward
+    all-reduces the two per-channel sums. Weight/bias/slope gradients stay local, as torch's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, prelu, running_mean, running_var, eps, factor, act, slope, group):
+        k = lambda name: kernels(name, x)  # noqa: E731
+        mean, var = k("batch_norm_stats")(x)
+        count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
+        # n, mean, M2; an empty rank contributes (0, 0, 0), not its NaN statistics (torch drops it)
+        empty = count == 0
+        mine = torch.stack([count, mean.masked_fill(empty, 0), (var * count).masked_fill(empty, 0)])
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        n_i, mean_i, m2_i = torch.stack(gathered).unbind(1)
+        n = n_i.sum(0)
+        g_mean = (n_i * mean_i).sum(0) / n
+        g_var = (m2_i + n_i * (mean_i - g_mean) ** 2).sum(0) / n
+        invstd = torch.rsqrt(g_var + eps)
+        total = int(n[0].item())
+        if total == 1:  # over all ranks, as torch (every rank empty: an empty output, stats unchanged)
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        if running_mean is not None and total > 0:
+            update_running_stats(running_mean, running_var, g_mean, g_var, total, factor)
+        y = k("batch_norm_act_forward")(x, g_mean, invstd, weight, bias, prelu, act, slope)
+        ctx.save_for_backward(x, weight, bias, prelu, g_mean, invstd)
+        ctx.act, ctx.slope, ctx.group, ctx.total = act, slope, group, total
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, prelu, mean, invstd = ctx.saved_tensors
+        k = lambda name: kernels(name, x)  # noqa: E731
+        sum_dz, sum_dz_xhat, grad_prelu = k("batch_norm_act_backward_reduce")(
+            grad, x, mean, invstd, weight, bias, prelu, ctx.act, ctx.slope)
+        both = torch.stack([sum_dz, sum_dz_xhat])
+        dist.all_reduce(both, group=ctx.group)
+        gx = k("batch_norm_act_backward_elemt")(grad, x, mean, invstd, weight, bias, prelu, both[0], both[1],
+                                                ctx.total, ctx.act, ctx.slope)
+        gw = sum_dz_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dz.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gp = grad_prelu if prelu is not None and ctx.needs_input_grad[3] else None
+        return gx, gw, gb, gp, None, None, None, None, None, None, None
+
+
+# ---- `python -m dlkernels` ----
+
+def self_check(device: torch.device) -> float:
+    """Max abs difference to the reference over fused BN + PReLU, training and eval, with gradients."""
+    from dlkernels import functional  # imports this module: import at call time
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 6, 5, 3, generator=gen) * 2 + 1).to(device)
+    w, b, p = (torch.rand(6, generator=gen).to(device) for _ in range(3))
+    g = torch.randn(x.shape, generator=gen).to(device)
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        for training, xi in ((True, x), (False, x.to(memory_format=torch.channels_last))):
+            xr, wr, br, pr = (t.clone().requires_grad_() for t in (xi, w, b, p))
+            rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
+            y = functional.batch_norm_act(xr, rm, rv, wr, br, training, activation="prelu", prelu_weight=pr)
+            out += [y, rm, rv, *torch.autograd.grad(y, (xr, wr, br, pr), g)]
+        return out
+
+    got = run()
+    with use_backend("reference"):
+        want = run()
+    return max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlkernels._dtypes import FLOAT_DTYPES, REDUCED_DTYPES
 from dlkernels._layout import is_dense
 from dlkernels.ops import optim as ops
 
 _NONFINITE = ("skip", "error", "propagate")
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _combine_norms(norms: list[Tensor], norm_type: float) -> Tensor:
@@ -58,7 +58,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     # ---- state ----
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
-        low = p.dtype in (torch.float16, torch.bfloat16)
+        low = p.dtype in REDUCED_DTYPES
         return self.state_dtype if (low and self.state_dtype is not None) else p.dtype
 
     def _new_state(self, p: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _check_param(self, p: Tensor) -> None:
         if p.grad.is_sparse:
             raise RuntimeError(self._sparse_message)
-        if p.dtype not in _DTYPES:
+        if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: parameters must be float32, float64, float16 or "
                             f"bfloat16, got {p.dtype}")
         if not (p.is_contiguous() or is_dense(p)):

@@ -9,14 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from dlkernels._dtypes import compute_dtype
 
 
 def _slopes(x: Tensor, weight: Tensor) -> Tensor:
     """The PReLU weight shaped to broadcast over channel dim 1 (one slope: a 0-d tensor)."""
-    w = weight.to(_compute_dtype(x))
+    w = weight.to(compute_dtype(x))
     if weight.numel() == 1:
         return w.reshape(())
     shape = [1] * x.dim()
@@ -25,7 +23,7 @@ def _slopes(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def leaky_relu(x: Tensor, negative_slope: float) -> Tensor:
-    xc = x.to(_compute_dtype(x))
+    xc = x.to(compute_dtype(x))
     return torch.where(xc > 0, xc, xc * negative_slope).to(x.dtype)
 
 
@@ -34,17 +32,17 @@ def leaky_relu_(x: Tensor, negative_slope: float) -> None:
 
 
 def leaky_relu_backward(grad: Tensor, x: Tensor, negative_slope: float) -> Tensor:
-    g = grad.to(_compute_dtype(x))
+    g = grad.to(compute_dtype(x))
     return torch.where(x > 0, g, g * negative_slope).to(x.dtype)
 
 
 def prelu(x: Tensor, weight: Tensor) -> Tensor:
-    xc = x.to(_compute_dtype(x))
+    xc = x.to(compute_dtype(x))
     return torch.where(xc > 0, xc, xc * _slopes(x, weight)).to(x.dtype)
 
 
 def prelu_backward(grad: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    xc, g = x.to(_compute_dtype(x)), grad.to(_compute_dtype(x))
+    xc, g = x.to(compute_dtype(x)), grad.to(compute_dtype(x))
     grad_input = torch.where(xc > 0, g, g * _slopes(x, weight)).to(x.dtype)
     contrib = torch.where(xc > 0, torch.zeros_like(g), xc * g)
     if weight.numel() == 1:

@@ -32,20 +32,22 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_PRELU = 0, 1, 2, 3
+from dlkernels._dtypes import compute_dtype
+from dlkernels.codes import Activation
+
+ACT_NONE, ACT_RELU = int(Activation.NONE), int(Activation.RELU)
+ACT_LEAKY_RELU, ACT_PRELU = int(Activation.LEAKY_RELU), int(Activation.PRELU)
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _per_channel(t: Tensor | None, x: Tensor, default: float) -> Tensor:
     """A [C] (or 1-element) tensor shaped to broadcast over x's channel dim, in compute dtype."""
     if t is None:
-        return torch.tensor(default, dtype=_acc(x), device=x.device)
+        return torch.tensor(default, dtype=compute_dtype(x), device=x.device)
     shape = [1] * x.dim()
     shape[1] = -1
-    return t.to(_acc(x)).reshape(shape) if t.numel() > 1 or x.dim() > 1 else t.to(_acc(x)).reshape(())
+    return t.to(compute_dtype(x)).reshape(shape) if t.numel() > 1 or x.dim() > 1 else t.to(compute_dtype(x)).reshape(())
 
 
 def _dims(x: Tensor) -> list[int]:
@@ -54,9 +56,9 @@ def _dims(x: Tensor) -> list[int]:
 
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.numel() == 0:  # NaN, as var_mean of nothing, without its warning
-        nan = torch.full((x.shape[1],), float("nan"), dtype=_acc(x), device=x.device)
+        nan = torch.full((x.shape[1],), float("nan"), dtype=compute_dtype(x), device=x.device)
         return nan, nan.clone()
-    xa = x.to(_acc(x))
+    xa = x.to(compute_dtype(x))
     # two passes, as torch's batch norm: var_mean's Welford update turns an inf into a NaN mean, and
     # torch.var loses ~1e3 ulps of float64 variance when |mean| / std is 1e7
     mean = xa.mean(_dims(x))
@@ -64,7 +66,7 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _pre_activation(x, mean, invstd, weight, bias) -> tuple[Tensor, Tensor]:
-    xhat = (x.to(_acc(x)) - _per_channel(mean, x, 0.0)) * _per_channel(invstd, x, 1.0)
+    xhat = (x.to(compute_dtype(x)) - _per_channel(mean, x, 0.0)) * _per_channel(invstd, x, 1.0)
     return xhat, xhat * _per_channel(weight, x, 1.0) + _per_channel(bias, x, 0.0)
 
 
@@ -84,7 +86,7 @@ def batch_norm_act_forward(x, mean, invstd, weight, bias, prelu_weight, act: int
 
 
 def _act_backward(grad: Tensor, z: Tensor, x: Tensor, prelu_weight, act: int, slope: float) -> Tensor:
-    g = grad.to(_acc(x))
+    g = grad.to(compute_dtype(x))
     if act == ACT_RELU:
         return torch.where(z <= 0, torch.zeros_like(g), g)
     if act == ACT_LEAKY_RELU:
@@ -99,11 +101,11 @@ def batch_norm_act_backward_reduce(grad, x, mean, invstd, weight, bias, prelu_we
     dz = _act_backward(grad, z, x, prelu_weight, act, slope)
     sum_dz, sum_dz_xhat = dz.sum(_dims(x)), (dz * xhat).sum(_dims(x))
     if act == ACT_PRELU:
-        contrib = torch.where(z > 0, torch.zeros_like(z), z * grad.to(_acc(x)))
+        contrib = torch.where(z > 0, torch.zeros_like(z), z * grad.to(compute_dtype(x)))
         gp = contrib.sum() if prelu_weight.numel() == 1 else contrib.sum(_dims(x))
         grad_prelu = gp.to(prelu_weight.dtype).reshape(prelu_weight.shape)
     else:
-        grad_prelu = torch.empty(0, dtype=_acc(x), device=x.device)
+        grad_prelu = torch.empty(0, dtype=compute_dtype(x), device=x.device)
     return sum_dz, sum_dz_xhat, grad_prelu
 
 

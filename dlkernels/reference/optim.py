@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from dlkernels._dtypes import compute_dtype
 
 
 def _transform(g: Tensor, dt: torch.dtype, grad_scale: Tensor | None, clip_value: float,
@@ -52,7 +50,7 @@ def adam_step_(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[T
                maximize: bool, decoupled_weight_decay: bool) -> None:
     _advance(steps, skip)
     for i, p in enumerate(params):
-        dt = _compute_dtype(p)
+        dt = compute_dtype(p)
         step = steps[i].to(p.device, torch.float64)
         bc2_sqrt = (1 - beta2**step) ** 0.5
         neg_step_size = (-(lr / (1 - beta1**step))).to(dt)
@@ -83,7 +81,7 @@ def rmsprop_step_(params: list[Tensor], square_avgs: list[Tensor], grad_avgs: li
                   maximize: bool) -> None:
     _advance(steps, skip)
     for i, p in enumerate(params):
-        dt = _compute_dtype(p)
+        dt = compute_dtype(p)
         g = _transform(grads[i], dt, grad_scale, clip_value, clip_coef, maximize)
         pc, sq = p.to(dt), square_avgs[i].to(dt)
         if weight_decay != 0:

@@ -1,0 +1,49 @@
+// Batch norm fused with an activation. act: see csrc/common/batch_norm.h; weight/bias/prelu_weight
+// are optional (1, 0, unused).
+// Declared for each backend namespace: dlk::cpu (csrc/cpu/batch_norm.cpp) and, in a CUDA build,
+// dlk::cuda (csrc/cuda/batch_norm*); bound to Python in csrc/bind/batch_norm.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#define DLK_BATCH_NORM_API                                                                        \
+  std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x);                       \
+  at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean,                 \
+                                    const at::Tensor& invstd, const std::optional<at::Tensor>& w, \
+                                    const std::optional<at::Tensor>& b,                           \
+                                    const std::optional<at::Tensor>& prelu_w, int64_t act,        \
+                                    double slope);                                                \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(                  \
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,                        \
+      const at::Tensor& invstd, const std::optional<at::Tensor>& w,                               \
+      const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w, int64_t act,  \
+      double slope);                                                                              \
+  at::Tensor batch_norm_act_backward_elemt(                                                       \
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,                        \
+      const at::Tensor& invstd, const std::optional<at::Tensor>& w,                               \
+      const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,               \
+      const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, int64_t count, int64_t act,        \
+      double slope);                                                                              \
+  /* the training forward and the backward, whole: (y, mean, invstd, var), */                     \
+  /* (grad_input, sum_dz, sum_dz_xhat, grad_prelu) */                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(                \
+      const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b, \
+      const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope);           \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(             \
+      const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,                        \
+      const at::Tensor& invstd, const std::optional<at::Tensor>& w,                               \
+      const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w, int64_t act,  \
+      double slope, bool training);
+
+namespace dlk::cpu {
+DLK_BATCH_NORM_API
+}  // namespace dlk::cpu
+
+#ifdef DLK_WITH_CUDA
+namespace dlk::cuda {
+DLK_BATCH_NORM_API
+}  // namespace dlk::cuda
+#endif

@@ -1,0 +1,40 @@
+// Self-registration of a family's Python bindings: csrc/bind/<family>.cpp says
+//   DLK_REGISTER_FAMILY(<family>, BIND)   with   #define BIND(m, ns) m.def("op", &ns::op, ...);
+// and bindings.cpp, which knows no family, calls every registered BIND on the `cpu` submodule
+// (namespace dlk::cpu) and, in a CUDA build, on the `cuda` submodule (namespace dlk::cuda).
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace dlk {
+
+struct FamilyBinding {
+  const char* family;
+  void (*bind_cpu)(pybind11::module_&);
+  void (*bind_cuda)(pybind11::module_&);  // null in a CPU-only build
+};
+
+// Function-local static: filled by static initializers of the bind files, in any order.
+inline std::vector<FamilyBinding>& family_bindings() {
+  static std::vector<FamilyBinding> all;
+  return all;
+}
+
+struct RegisterFamily {
+  explicit RegisterFamily(FamilyBinding b) { family_bindings().push_back(b); }
+};
+
+}  // namespace dlk
+
+#ifdef DLK_WITH_CUDA
+#define DLK_BIND_CUDA_FN(family, BIND) \
+  [](pybind11::module_& m) { namespace py = pybind11; BIND(m, ::dlk::cuda) }
+#else
+#define DLK_BIND_CUDA_FN(family, BIND) nullptr
+#endif
+
+#define DLK_REGISTER_FAMILY(family, BIND)                                                        \
+  static const ::dlk::RegisterFamily dlk_register_##family({                                     \
+      #family, [](pybind11::module_& m) { namespace py = pybind11; BIND(m, ::dlk::cpu) },          \
+      DLK_BIND_CUDA_FN(family, BIND)})
