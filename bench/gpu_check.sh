@@ -43,7 +43,7 @@ log "benchmark: cuda backend (with torch.compile)"
 DLK_BACKEND=cuda timeout 200 "$PYTHON" -m bench --device cuda --alloc default --out "$RESULTS/gpu-cuda" \
     > "$RESULTS/gpu-bench-cuda.log" 2>&1 || status=1
 log "benchmark: triton backend"
-DLK_BACKEND=triton timeout 100 "$PYTHON" -m bench --device cuda --alloc default --no-compile --only activation,batch_norm \
+DLK_BACKEND=triton timeout 100 "$PYTHON" -m bench --device cuda --alloc default --no-compile \
     --out "$RESULTS/gpu-triton" > "$RESULTS/gpu-bench-triton.log" 2>&1 || status=1
 grep -hE "^default" "$RESULTS"/gpu-bench-*.log | grep dlkernels
 log "done (status $status); logs and JSON in $RESULTS"

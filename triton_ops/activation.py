@@ -9,8 +9,6 @@ float16/bfloat16/float32 and in float64 for float64.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +16,7 @@ import triton.language as tl
 from dlkernels._layout import is_dense as _is_dense
 
 from ._aot import AotSpec
+from ._common import channels, dense, divider, fast_divmod, like, offsets, on_device, to_compute
 
 BLOCK = 1024
 # C * SPLIT programs aimed at by the PReLU backward: about one full wave of 4-warp programs on
@@ -28,50 +27,23 @@ _TARGET_PROGRAMS = 2048
 _INT32_LIMIT = 2**31 - 2**22
 
 
-@triton.jit
-def _acc(v):
-    # fp16/bf16/fp32 compute in fp32, fp64 in fp64
-    return v.to(tl.float64) if v.dtype == tl.float64 else v.to(tl.float32)
-
-
-@triton.jit
-def _offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    return pid * BLOCK + tl.arange(0, BLOCK)
-
-
-@triton.jit
-def _divmod(n, d, magic, shift, WIDE: tl.constexpr):
-    # (n // d, n % d) for n >= 0. Below 2**31 it uses a multiplier precomputed by _divider
-    # (PyTorch's IntDivider): ~4 instructions instead of ~15 for a division by a runtime int32,
-    # which would otherwise dominate these memory-bound kernels.
-    if WIDE:
-        q = n // d
-    else:
-        u = n.to(tl.uint32)
-        q = ((tl.umulhi(u, tl.cast(magic, tl.uint32)) + u) >> tl.cast(shift, tl.uint32)).to(tl.int32)
-    return q, n - q * d
-
-
 # `slope` is annotated fp64 so float64 inputs see the exact slope (the JIT would pass a Python
 # float as fp32); tl.full rounds it once to the compute type, also under the interpreter.
 @triton.jit
 def _leaky_relu_fwd_kernel(x_ptr, y_ptr, n, slope: tl.float64, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    offs = _offsets(BLOCK, WIDE)
+    offs = offsets(BLOCK, WIDE)
     mask = offs < n
-    x = _acc(tl.load(x_ptr + offs, mask=mask))
+    x = to_compute(tl.load(x_ptr + offs, mask=mask))
     y = tl.where(x > 0, x, x * tl.full([], slope, x.dtype))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _leaky_relu_bwd_kernel(g_ptr, x_ptr, gi_ptr, n, slope: tl.float64, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    offs = _offsets(BLOCK, WIDE)
+    offs = offsets(BLOCK, WIDE)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    g = _acc(tl.load(g_ptr + offs, mask=mask))
+    g = to_compute(tl.load(g_ptr + offs, mask=mask))
     gi = tl.where(x > 0, g, g * tl.full([], slope, g.dtype))
     tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=mask)
 
@@ -81,13 +53,13 @@ def _prelu_fwd_kernel(
     x_ptr, w_ptr, y_ptr, n, inner, inner_m, inner_s, C, C_m, C_s, BLOCK: tl.constexpr, WIDE: tl.constexpr
 ):
     # Memory is [outer, C, inner]: channel (o // inner) % C. inner_m/inner_s and C_m/C_s are
-    # the multipliers and shifts from _divider; a single slope launches with inner = C = 1.
-    offs = _offsets(BLOCK, WIDE)
+    # the multipliers and shifts from divider; a single slope launches with inner = C = 1.
+    offs = offsets(BLOCK, WIDE)
     mask = offs < n
-    q, _ = _divmod(offs, inner, inner_m, inner_s, WIDE)
-    _, c = _divmod(q, C, C_m, C_s, WIDE)
-    x = _acc(tl.load(x_ptr + offs, mask=mask))
-    w = _acc(tl.load(w_ptr + c))  # c is in range even where masked
+    q, _ = fast_divmod(offs, inner, inner_m, inner_s, WIDE)
+    _, c = fast_divmod(q, C, C_m, C_s, WIDE)
+    x = to_compute(tl.load(x_ptr + offs, mask=mask))
+    w = to_compute(tl.load(w_ptr + c))  # c is in range even where masked
     y = tl.where(x > 0, x, w * x)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -111,7 +83,7 @@ def _prelu_bwd_kernel(
     for start in range(s * BLOCK, m, split * BLOCK):
         p = start + tl.arange(0, BLOCK)
         mask = p < m
-        row, col = _divmod(p, inner, inner_m, inner_s, WIDE)
+        row, col = fast_divmod(p, inner, inner_m, inner_s, WIDE)
         o = (row * C + c) * inner + col  # int64 throughout when WIDE
         x = tl.load(x_ptr + o, mask=mask, other=0).to(acc_ty)
         g = tl.load(g_ptr + o, mask=mask, other=0).to(acc_ty)
@@ -121,40 +93,13 @@ def _prelu_bwd_kernel(
     tl.store(part_ptr + c * split + s, tl.sum(acc, axis=0))
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if _is_dense(t) else torch.empty_like(t).copy_(t)
-
-
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    # t with ref's (dense) memory layout, so both walk the same flat order
-    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
-
-
-def _device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    # triton launches on torch's current device; make that t's device
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _channels(xd: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
-    # (C, inner) of the [outer, C, inner] view of dense xd; a single slope is C = inner = 1
-    c = weight.numel()
-    return (c, xd.stride(1)) if c > 1 else (1, 1)
-
-
-def _divider(d: int) -> tuple[int, int, int]:
-    # (d, multiplier, shift) with n // d == (umulhi(n, multiplier) + n) >> shift for
-    # 0 <= n < 2**31 (PyTorch's IntDivider); d = 1 gives (1, 1, 0)
-    shift = (d - 1).bit_length()
-    return d, (2**32 * (2**shift - d)) // d + 1, shift
-
-
 def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
 def _leaky_relu_into(out: torch.Tensor, xd: torch.Tensor, negative_slope: float) -> None:
     n = xd.numel()
-    with _device(xd):
+    with on_device(xd):
         _leaky_relu_fwd_kernel[_grid(n)](xd, out, n, float(negative_slope), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
 
 
@@ -162,7 +107,7 @@ def leaky_relu(x: torch.Tensor, negative_slope: float) -> torch.Tensor:
     """y = x if x > 0 else x * negative_slope."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = _dense(x)
+    xd = dense(x)
     y = torch.empty_like(xd)
     _leaky_relu_into(y, xd, negative_slope)
     return y
@@ -182,11 +127,11 @@ def leaky_relu_backward(grad: torch.Tensor, x: torch.Tensor, negative_slope: flo
     """grad_input = grad if x > 0 else grad * negative_slope."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = _dense(x)
-    gd = _like(grad, xd)
+    xd = dense(x)
+    gd = like(grad, xd)
     gi = torch.empty_like(xd)
     n = xd.numel()
-    with _device(xd):
+    with on_device(xd):
         _leaky_relu_bwd_kernel[_grid(n)](gd, xd, gi, n, float(negative_slope), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT)
     return gi
 
@@ -195,13 +140,13 @@ def prelu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = x if x > 0 else weight[c] * x, with c the index along dim 1 (one slope if numel 1)."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = _dense(x)
+    xd = dense(x)
     y = torch.empty_like(xd)
-    c, inner = _channels(xd, weight)
+    c, inner = channels(xd, weight)
     n = xd.numel()
-    with _device(xd):
+    with on_device(xd):
         _prelu_fwd_kernel[_grid(n)](
-            xd, weight.contiguous(), y, n, *_divider(inner), *_divider(c), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
+            xd, weight.contiguous(), y, n, *divider(inner), *divider(c), BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
         )
     return y
 
@@ -211,18 +156,18 @@ def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     accumulated in float32 (float64 for float64) and returned in weight's shape and dtype."""
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    xd = _dense(x)
-    gd = _like(grad, xd)
+    xd = dense(x)
+    gd = like(grad, xd)
     gi = torch.empty_like(xd)
-    c, inner = _channels(xd, weight)
+    c, inner = channels(xd, weight)
     n = xd.numel()
     m = n // c
     split = min(triton.cdiv(m, BLOCK), max(1, _TARGET_PROGRAMS // c))
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
-    with _device(xd):
+    with on_device(xd):
         _prelu_bwd_kernel[(c, split)](
-            gd, xd, weight.contiguous(), gi, part, m, *_divider(inner), c, BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
+            gd, xd, weight.contiguous(), gi, part, m, *divider(inner), c, BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
         )
     return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
 

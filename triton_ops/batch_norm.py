@@ -31,7 +31,7 @@ from dlkernels.reference.batch_norm import (
 )
 
 from ._aot import AotSpec
-from .activation import _dense, _device, _divider, _divmod, _like
+from ._common import dense, divider, fast_divmod, like, on_device
 
 # the codes as compile-time constants of the kernels (dlkernels/codes.py)
 _NONE: tl.constexpr = tl.constexpr(ACT_NONE)
@@ -61,7 +61,7 @@ def _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P: tl.constexpr, CL:
     if CL:  # inner == 1: rows of C contiguous channels
         offs = p[:, None] * C + cols[None, :]
     else:
-        row, col = _divmod(p, inner, inner_m, inner_s, WIDE)
+        row, col = fast_divmod(p, inner, inner_m, inner_s, WIDE)
         offs = (row[:, None] * C + cols[None, :]) * inner + col[:, None]
     return offs, (p < m)[:, None] & (cols < C)[None, :]
 
@@ -255,7 +255,7 @@ def _geometry(xd: torch.Tensor) -> tuple[tuple[int, int], tuple[int, ...], dict]
     # could pass int32
     wide = n + (block_p + inner) * c + split * block_p >= 2**31
     consts = {"BLOCK_P": block_p, "BLOCK_C": block_c, "CL": cl, "WIDE": wide}
-    return (cblocks, split), (m, c, *_divider(inner)), consts
+    return (cblocks, split), (m, c, *divider(inner)), consts
 
 
 def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,13 +264,13 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         nan = torch.full((c,), float("nan"), dtype=acc, device=x.device)
         return nan, nan.clone()
-    xd = _dense(x)
+    xd = dense(x)
     grid, args, consts = _geometry(xd)
     part = torch.empty((4, c, grid[1]), dtype=torch.float64, device=x.device)
     # the shift: each channel's first value in memory (offset c * inner), 0 where it is not finite
     shift = xd.as_strided((c,), (args[2],)).to(acc)
     shift = torch.where(shift.isfinite(), shift, 0).contiguous()
-    with _device(xd):
+    with on_device(xd):
         _stats_kernel[grid](xd, shift, part, *args, **consts)
     # Chan's merge of the SPLIT partials in closed form, in float64 (tiny tensors)
     n, mu, m2, bad = part.unbind(0)
@@ -294,12 +294,12 @@ def batch_norm_act_forward(
     """y = act((x - mean) * invstd * weight + bias), laid out as empty_like(x), in x's dtype."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = _dense(x)
+    xd = dense(x)
     y = torch.empty_like(xd)
     grid, args, consts = _geometry(xd)
     pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else None
     mean_v = _cvec(mean, x, 0.0)
-    with _device(xd):
+    with on_device(xd):
         _fwd_kernel[grid](
             xd, y, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0),
             mean_v if pw is None else pw, *args, float(slope), ACT=int(act), **consts,
@@ -325,13 +325,13 @@ def batch_norm_act_backward_reduce(
     if x.numel() == 0:
         sums = torch.zeros((3, c), dtype=acc, device=x.device)
     else:
-        xd = _dense(x)
-        gd = _like(grad, xd)
+        xd = dense(x)
+        gd = like(grad, xd)
         grid, args, consts = _geometry(xd)
         part = (torch.zeros if prelu else torch.empty)((3, c, grid[1]), dtype=acc, device=x.device)
         mean_v = _cvec(mean, x, 0.0)
         pw = _cvec(prelu_weight, x, 0.25) if prelu else mean_v
-        with _device(xd):
+        with on_device(xd):
             _bwd_reduce_kernel[grid](
                 gd, xd, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, part,
                 *args, float(slope), ACT=int(act), **consts,
@@ -362,14 +362,14 @@ def batch_norm_act_backward_elemt(
     """grad_input = weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = _dense(x)
-    gd = _like(grad, xd)
+    xd = dense(x)
+    gd = like(grad, xd)
     gi = torch.empty_like(xd)
     grid, args, consts = _geometry(xd)
     mean_v = _cvec(mean, x, 0.0)
     pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else mean_v
     a, q = _cvec(sum_dz, x, 0.0) / count, _cvec(sum_dz_xhat, x, 0.0) / count
-    with _device(xd):
+    with on_device(xd):
         _bwd_elemt_kernel[grid](
             gd, xd, gi, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, a, q,
             *args, float(slope), ACT=int(act), **consts,

@@ -2,11 +2,7 @@
 // Declared for each backend namespace: dlk::cpu (csrc/cpu/activation.cpp) and, in a CUDA build,
 // dlk::cuda (csrc/cuda/activation*); bound to Python in csrc/bind/activation.cpp.
 #pragma once
-#include <ATen/core/Tensor.h>
-
-#include <optional>
-#include <tuple>
-#include <vector>
+#include "declare.h"
 
 #define DLK_ACTIVATION_API                                                                     \
   at::Tensor leaky_relu(const at::Tensor& x, double slope);                                     \
@@ -16,12 +12,4 @@
   std::tuple<at::Tensor, at::Tensor> prelu_backward(const at::Tensor& grad, const at::Tensor& x, \
                                                     const at::Tensor& weight);
 
-namespace dlk::cpu {
-DLK_ACTIVATION_API
-}  // namespace dlk::cpu
-
-#ifdef DLK_WITH_CUDA
-namespace dlk::cuda {
-DLK_ACTIVATION_API
-}  // namespace dlk::cuda
-#endif
+DLK_DECLARE_API(DLK_ACTIVATION_API)

@@ -3,11 +3,7 @@
 // Declared for each backend namespace: dlk::cpu (csrc/cpu/batch_norm.cpp) and, in a CUDA build,
 // dlk::cuda (csrc/cuda/batch_norm*); bound to Python in csrc/bind/batch_norm.cpp.
 #pragma once
-#include <ATen/core/Tensor.h>
-
-#include <optional>
-#include <tuple>
-#include <vector>
+#include "declare.h"
 
 #define DLK_BATCH_NORM_API                                                                        \
   std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x);                       \
@@ -38,12 +34,4 @@
       const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w, int64_t act,  \
       double slope, bool training);
 
-namespace dlk::cpu {
-DLK_BATCH_NORM_API
-}  // namespace dlk::cpu
-
-#ifdef DLK_WITH_CUDA
-namespace dlk::cuda {
-DLK_BATCH_NORM_API
-}  // namespace dlk::cuda
-#endif
+DLK_DECLARE_API(DLK_BATCH_NORM_API)

@@ -2,11 +2,7 @@
 // Declared for each backend namespace: dlk::cpu (csrc/cpu/optim.cpp) and, in a CUDA build,
 // dlk::cuda (csrc/cuda/optim*); bound to Python in csrc/bind/optim.cpp.
 #pragma once
-#include <ATen/core/Tensor.h>
-
-#include <optional>
-#include <tuple>
-#include <vector>
+#include "declare.h"
 
 #define DLK_OPTIM_API                                                                            \
   at::Tensor grad_norm(const std::vector<at::Tensor>& grads, double norm_type, double clip_value, \
@@ -31,12 +27,4 @@
                      double alpha, double eps, double weight_decay, double momentum,              \
                      bool centered, bool maximize);
 
-namespace dlk::cpu {
-DLK_OPTIM_API
-}  // namespace dlk::cpu
-
-#ifdef DLK_WITH_CUDA
-namespace dlk::cuda {
-DLK_OPTIM_API
-}  // namespace dlk::cuda
-#endif
+DLK_DECLARE_API(DLK_OPTIM_API)

@@ -21,20 +21,23 @@ template <typename T> struct Compute { using type = float; };
 template <> struct Compute<double> { using type = double; };
 template <typename T> using compute_t = typename Compute<T>::type;
 
-// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
-__device__ __forceinline__ float to_compute(float v) { return v; }
-__device__ __forceinline__ double to_compute(double v) { return v; }
-__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) {
+// Explicit conversions (torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones): to
+// and from any compute type C (float or double), and to/from each storage type's own compute type.
+template <typename C> __device__ __forceinline__ C to_c(float v) { return C(v); }
+template <typename C> __device__ __forceinline__ C to_c(double v) { return C(v); }
+template <typename C> __device__ __forceinline__ C to_c(__half v) { return C(__half2float(v)); }
+template <typename C> __device__ __forceinline__ C to_c(__nv_bfloat16 v) { return C(__bfloat162float(v)); }
+template <typename T, typename C> __device__ __forceinline__ T from_c(C v) {
   if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
+    return __float2half_rn(float(v));
   } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
+    return __float2bfloat16_rn(float(v));
   } else {
-    return v;
+    return T(v);
   }
 }
+template <typename T> __device__ __forceinline__ compute_t<T> to_compute(T v) { return to_c<compute_t<T>>(v); }
+template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) { return from_c<T>(v); }
 
 // Calls f with a value of the storage type named by t.
 template <typename F>

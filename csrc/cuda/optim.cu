@@ -11,21 +11,6 @@
 namespace dlk::cuda {
 namespace {
 
-// Explicit conversions: torch's nvcc flags disable the implicit __half/__nv_bfloat16 ones.
-template <typename C> __device__ __forceinline__ C to_c(float v) { return C(v); }
-template <typename C> __device__ __forceinline__ C to_c(double v) { return C(v); }
-template <typename C> __device__ __forceinline__ C to_c(__half v) { return C(__half2float(v)); }
-template <typename C> __device__ __forceinline__ C to_c(__nv_bfloat16 v) { return C(__bfloat162float(v)); }
-template <typename T, typename C> __device__ __forceinline__ T from_c(C v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(float(v));
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(float(v));
-  } else {
-    return T(v);
-  }
-}
-
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ const OptimTensor& find_tensor(const OptimTensor* tab, int count,
