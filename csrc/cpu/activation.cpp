@@ -10,7 +10,7 @@
 #include "../api/activation.h"
 #include "../common/activation.h"
 #include "../prep.h"
-#include "simd.h"
+#include "loadstore.h"
 
 namespace dlk::cpu {
 namespace {

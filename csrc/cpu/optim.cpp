@@ -9,18 +9,24 @@
 #include <optional>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
 #include "../api/optim.h"
 #include "../common/optim.h"
-#include "simd.h"
+#include "loadstore.h"
 
 namespace dlk::cpu {
 namespace {
 
 // ---- SIMD loops over one block (compute type float or double) ----
+
+// A block step of either optimizer: param, grad, three state streams (null where unused), n,
+// coefficients, grad transform; a table of these holds the clones of the flags' combinations.
+template <typename T, template <typename> class Coefs>
+using BlockFn = void (*)(T*, const T*, T*, T*, T*, int64_t, const Coefs<T>&, const GradXform<T>&);
 
 // The blocks take lerp's |weight| < 0.5 as a constant (a branch in the loop would stop
 // vectorization); a weight >= 0.5 (beta1 or alpha <= 0.5, rare) runs the unvectorized form.
@@ -53,30 +59,21 @@ DLK_INLINE void adam_block_body(T* p, const T* g, T* m, T* v, T* vmax, int64_t n
 DLK_ADAM_CLONES(float)
 DLK_ADAM_CLONES(double)
 
-template <typename T>
-using AdamBlockFn = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamCoefs<T>&,
-                             const GradXform<T>&);
-
-template <typename T>
-void adam_block_big_weight(int wd, bool ams, T* p, const T* g, T* m, T* v, T* vmax, int64_t n,
-                           const AdamCoefs<T>& c, const GradXform<T>& x) {
-  const auto run = [&](auto wd_c, auto ams_c) {
-    adam_body<decltype(wd_c)::value, decltype(ams_c)::value>(p, g, m, v, vmax, n, c, x, false);
-  };
-  using I0 = std::integral_constant<int, 0>;
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  if (wd == 0) return ams ? run(I0{}, std::true_type{}) : run(I0{}, std::false_type{});
-  if (wd == 1) return ams ? run(I1{}, std::true_type{}) : run(I1{}, std::false_type{});
-  return ams ? run(I2{}, std::true_type{}) : run(I2{}, std::false_type{});
+// The unvectorized form, for a lerp weight >= 0.5 (rare).
+template <int WD, bool AMS, typename T>
+void adam_block_big(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, const AdamCoefs<T>& c, const GradXform<T>& x) {
+  adam_body<WD, AMS>(p, g, m, v, vmax, n, c, x, false);
 }
 
 template <typename T>
-AdamBlockFn<T> adam_block(int wd, bool ams) {
-  static const AdamBlockFn<T> table[3][2] = {{adam_block_0_0, adam_block_0_1},
-                                             {adam_block_1_0, adam_block_1_1},
-                                             {adam_block_2_0, adam_block_2_1}};
-  return table[wd][ams];
+BlockFn<T, AdamCoefs> adam_block(int wd, bool ams, bool small) {
+  static const BlockFn<T, AdamCoefs> table[3][2] = {{adam_block_0_0, adam_block_0_1},
+                                                     {adam_block_1_0, adam_block_1_1},
+                                                     {adam_block_2_0, adam_block_2_1}};
+  static const BlockFn<T, AdamCoefs> big[3][2] = {{adam_block_big<0, false>, adam_block_big<0, true>},
+                                                   {adam_block_big<1, false>, adam_block_big<1, true>},
+                                                   {adam_block_big<2, false>, adam_block_big<2, true>}};
+  return small ? table[wd][ams] : big[wd][ams];
 }
 
 template <bool WD, bool CEN, bool MOM, typename T, typename B>
@@ -107,30 +104,20 @@ DLK_INLINE void rms_block_body(T* p, const T* g, T* sq, T* ga, T* buf, int64_t n
 DLK_RMS_CLONES(float)
 DLK_RMS_CLONES(double)
 
-template <typename T>
-using RmsBlockFn = void (*)(T*, const T*, T*, T*, T*, int64_t, const RMSpropCoefs<T>&,
-                            const GradXform<T>&);
-
-template <typename T>
-void rms_block_big_weight(bool wd, bool mom, T* p, const T* g, T* sq, T* ga, T* buf, int64_t n,
-                          const RMSpropCoefs<T>& c, const GradXform<T>& x) {
-  // Only centered RMSprop uses lerp.
-  const auto run = [&](auto wd_c, auto mom_c) {
-    rmsprop_body<decltype(wd_c)::value, true, decltype(mom_c)::value>(p, g, sq, ga, buf, n, c, x,
-                                                                      false);
-  };
-  using F = std::false_type;
-  using Tr = std::true_type;
-  if (wd) return mom ? run(Tr{}, Tr{}) : run(Tr{}, F{});
-  return mom ? run(F{}, Tr{}) : run(F{}, F{});
+// The unvectorized form, for a lerp weight >= 0.5 (rare); only centered RMSprop uses lerp.
+template <bool WD, bool MOM, typename T>
+void rms_block_big(T* p, const T* g, T* sq, T* ga, T* buf, int64_t n, const RMSpropCoefs<T>& c, const GradXform<T>& x) {
+  rmsprop_body<WD, true, MOM>(p, g, sq, ga, buf, n, c, x, false);
 }
 
 template <typename T>
-RmsBlockFn<T> rms_block(bool wd, bool cen, bool mom) {
-  static const RmsBlockFn<T> table[8] = {rms_block_000, rms_block_001, rms_block_010,
-                                         rms_block_011, rms_block_100, rms_block_101,
-                                         rms_block_110, rms_block_111};
-  return table[wd * 4 + cen * 2 + mom];
+BlockFn<T, RMSpropCoefs> rms_block(bool wd, bool cen, bool mom, bool small) {
+  static const BlockFn<T, RMSpropCoefs> table[8] = {rms_block_000, rms_block_001, rms_block_010,
+                                                     rms_block_011, rms_block_100, rms_block_101,
+                                                     rms_block_110, rms_block_111};
+  static const BlockFn<T, RMSpropCoefs> big[2][2] = {{rms_block_big<false, false>, rms_block_big<false, true>},
+                                                      {rms_block_big<true, false>, rms_block_big<true, true>}};
+  return small ? table[wd * 4 + cen * 2 + mom] : big[wd][mom];
 }
 
 // Norm partials of one block: sum |g|^p (p = 2, 1 or general) or max |g| (p = inf), of the
@@ -196,17 +183,6 @@ int64_t items_grain(const std::vector<Item>& items) {
   return total < 2 * kGrain ? std::max<int64_t>(1, int64_t(items.size())) : 1;
 }
 
-// Storage viewed in the compute type: the storage itself, or `buf` filled from it.
-template <typename S>
-DLK_INLINE compute_t<S>* load_mut(S* p, compute_t<S>* buf, int64_t m) {
-  if constexpr (std::is_same_v<S, compute_t<S>>) {
-    return p;
-  } else {
-    to_float(p, buf, m);
-    return buf;
-  }
-}
-
 template <typename T>
 T scalar_or(const std::optional<at::Tensor>& t, T fallback) {
   return t.has_value() ? T(t->to(at::kDouble).item<double>()) : fallback;
@@ -235,6 +211,13 @@ void check_same_strides(const std::vector<at::Tensor>& ts, const std::vector<at:
                 name, "[", i, "] must have the same strides as params[", i, "]");
 }
 
+// An optional state list (checked only when the step uses it): check_list, then its strides.
+void check_state(const std::vector<at::Tensor>& ts, const std::vector<at::Tensor>& params, const char* name,
+                 at::ScalarType dtype) {
+  check_list(ts, params, name, dtype);
+  check_same_strides(ts, params, name);
+}
+
 at::ScalarType state_type(const std::vector<at::Tensor>& state, const at::Tensor& p) {
   return state.empty() ? p.scalar_type() : state[0].scalar_type();
 }
@@ -257,27 +240,41 @@ void dispatch_storage(at::ScalarType param, at::ScalarType state, F&& f) {
               "); state must have the param dtype, or float32 for float16/bfloat16 params");
 }
 
-template <typename S, typename M>
-DLK_INLINE compute_t<S>* state_ptr(M* p, compute_t<S>* buf, int64_t m) {
-  if constexpr (std::is_same_v<M, compute_t<S>>) {
-    return p;
-  } else {
-    to_float(p, buf, m);
-    return buf;
-  }
-}
-
-template <typename S, typename M>
-DLK_INLINE void state_store(const compute_t<S>* buf, M* p, int64_t m) {
-  if constexpr (!std::is_same_v<M, compute_t<S>>) from_float(buf, p, m);
-}
-
 void increment_steps(const std::vector<at::Tensor>& steps) {
   for (const auto& s : steps) {
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device().is_cpu(),
                 "dlkernels optim: each step must be a float32 CPU tensor with one element");
     *s.mutable_data_ptr<float>() += 1.0f;
   }
+}
+
+// An optimizer step's loop over every block of every item: the param and up to three state
+// streams (absent: null) seen in the compute type, step(t, p, g, s0, s1, s2, n) run on them (t:
+// the tensor's index), then written back.
+template <typename S, typename M, typename F>
+void step_blocks(const std::vector<Item>& items, const std::vector<at::Tensor>& params,
+                 const std::vector<at::Tensor>& grads, const std::array<const std::vector<at::Tensor>*, 3>& state,
+                 F&& step) {
+  using C = compute_t<S>;
+  at::parallel_for(0, int64_t(items.size()), items_grain(items), [&](int64_t b, int64_t e) {
+    C pb[kBlock], gb[kBlock], sb[3][kBlock];
+    for (int64_t k = b; k < e; ++k) {
+      const Item& it = items[k];
+      S* p = params[it.tensor].mutable_data_ptr<S>();
+      const S* g = grads[it.tensor].const_data_ptr<S>();
+      M* sp[3];
+      for (int j = 0; j < 3; ++j) sp[j] = state[j] ? (*state[j])[it.tensor].mutable_data_ptr<M>() : nullptr;
+      for (int64_t i = it.begin; i < it.end; i += kBlock) {
+        const int64_t n = std::min(kBlock, it.end - i);
+        C* sc[3];
+        for (int j = 0; j < 3; ++j) sc[j] = sp[j] ? load(sp[j] + i, sb[j], n) : nullptr;
+        step(it.tensor, load(p + i, pb, n), load(g + i, gb, n), sc[0], sc[1], sc[2], n);
+        store(pb, p + i, n);
+        for (int j = 0; j < 3; ++j)
+          if (sp[j]) store(sb[j], sp[j] + i, n);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -344,10 +341,7 @@ void adam_step_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   check_same_strides(grads, params, "grads");
   check_same_strides(exp_avgs, params, "exp_avgs");
   check_same_strides(exp_avg_sqs, params, "exp_avg_sqs");
-  if (amsgrad) {
-    check_list(max_exp_avg_sqs, params, "max_exp_avg_sqs", st);
-    check_same_strides(max_exp_avg_sqs, params, "max_exp_avg_sqs");
-  }
+  if (amsgrad) check_state(max_exp_avg_sqs, params, "max_exp_avg_sqs", st);
   TORCH_CHECK(steps.size() == params.size(), "dlkernels optim: one step per param expected");
   increment_steps(steps);
   const double inv_scale = 1.0 / scalar_or<double>(grad_scale, 1.0);
@@ -363,33 +357,11 @@ void adam_step_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
       coefs.push_back(adam_coefs<C>(*s.const_data_ptr<float>(), lr, beta1, beta2, eps, weight_decay));
     // clip_grad_norm_ multiplies float32 grads by a float32 coefficient: round it the same way.
     const GradXform<C> x{C(inv_scale), C(clip_value), C(coef), C(maximize ? -1 : 1)};
-    const auto block = adam_block<C>(wd, amsgrad);
-    const bool small = lerp_small(C(1.0 - beta1));
-    at::parallel_for(0, int64_t(items.size()), items_grain(items), [&](int64_t b, int64_t e) {
-      C pb[kBlock], gb[kBlock], mb[kBlock], vb[kBlock], xb[kBlock];
-      for (int64_t k = b; k < e; ++k) {
-        const Item& it = items[k];
-        const int64_t t = it.tensor;
-        S* p = params[t].mutable_data_ptr<S>();
-        const S* g = grads[t].const_data_ptr<S>();
-        M* m = exp_avgs[t].mutable_data_ptr<M>();
-        M* v = exp_avg_sqs[t].mutable_data_ptr<M>();
-        M* vmax = amsgrad ? max_exp_avg_sqs[t].mutable_data_ptr<M>() : nullptr;
-        for (int64_t i = it.begin; i < it.end; i += kBlock) {
-          const int64_t n = std::min(kBlock, it.end - i);
-          C* pc = load_mut(p + i, pb, n);
-          C* mc = state_ptr<S>(m + i, mb, n);
-          C* vc = state_ptr<S>(v + i, vb, n);
-          C* xc = amsgrad ? state_ptr<S>(vmax + i, xb, n) : nullptr;
-          if (small) block(pc, load(g + i, gb, n), mc, vc, xc, n, coefs[t], x);
-          else adam_block_big_weight(wd, amsgrad, pc, load(g + i, gb, n), mc, vc, xc, n, coefs[t], x);
-          store(pb, p + i, n);
-          state_store<S>(mb, m + i, n);
-          state_store<S>(vb, v + i, n);
-          if (amsgrad) state_store<S>(xb, vmax + i, n);
-        }
-      }
-    });
+    const auto block = adam_block<C>(wd, amsgrad, lerp_small(C(1.0 - beta1)));
+    step_blocks<S, M>(items, params, grads, {&exp_avgs, &exp_avg_sqs, amsgrad ? &max_exp_avg_sqs : nullptr},
+                      [&](int64_t t, C* p, const C* g, C* m, C* v, C* vmax, int64_t n) {
+                        block(p, g, m, v, vmax, n, coefs[t], x);
+                      });
   });
 }
 
@@ -410,14 +382,8 @@ void rmsprop_step_(const std::vector<at::Tensor>& params, const std::vector<at::
   check_list(square_avgs, params, "square_avgs", st);
   check_same_strides(grads, params, "grads");
   check_same_strides(square_avgs, params, "square_avgs");
-  if (centered) {
-    check_list(grad_avgs, params, "grad_avgs", st);
-    check_same_strides(grad_avgs, params, "grad_avgs");
-  }
-  if (mom) {
-    check_list(momentum_buffers, params, "momentum_buffers", st);
-    check_same_strides(momentum_buffers, params, "momentum_buffers");
-  }
+  if (centered) check_state(grad_avgs, params, "grad_avgs", st);
+  if (mom) check_state(momentum_buffers, params, "momentum_buffers", st);
   TORCH_CHECK(steps.size() == params.size(), "dlkernels optim: one step per param expected");
   increment_steps(steps);
   const double inv_scale = 1.0 / scalar_or<double>(grad_scale, 1.0);
@@ -429,33 +395,12 @@ void rmsprop_step_(const std::vector<at::Tensor>& params, const std::vector<at::
     using C = compute_t<S>;
     const RMSpropCoefs<C> c{C(alpha), C(1.0 - alpha), C(eps), C(weight_decay), C(momentum), C(-lr)};
     const GradXform<C> x{C(inv_scale), C(clip_value), C(coef), C(maximize ? -1 : 1)};
-    const auto block = rms_block<C>(weight_decay != 0, centered, mom);
-    const bool small = !centered || lerp_small(C(1.0 - alpha));
-    at::parallel_for(0, int64_t(items.size()), items_grain(items), [&](int64_t b, int64_t e) {
-      C pb[kBlock], gb[kBlock], sb[kBlock], ab[kBlock], bb[kBlock];
-      for (int64_t k = b; k < e; ++k) {
-        const Item& it = items[k];
-        const int64_t t = it.tensor;
-        S* p = params[t].mutable_data_ptr<S>();
-        const S* g = grads[t].const_data_ptr<S>();
-        M* sq = square_avgs[t].mutable_data_ptr<M>();
-        M* ga = centered ? grad_avgs[t].mutable_data_ptr<M>() : nullptr;
-        M* buf = mom ? momentum_buffers[t].mutable_data_ptr<M>() : nullptr;
-        for (int64_t i = it.begin; i < it.end; i += kBlock) {
-          const int64_t n = std::min(kBlock, it.end - i);
-          C* pc = load_mut(p + i, pb, n);
-          C* sc = state_ptr<S>(sq + i, sb, n);
-          C* ac = centered ? state_ptr<S>(ga + i, ab, n) : nullptr;
-          C* bc = mom ? state_ptr<S>(buf + i, bb, n) : nullptr;
-          if (small) block(pc, load(g + i, gb, n), sc, ac, bc, n, c, x);
-          else rms_block_big_weight(weight_decay != 0, mom, pc, load(g + i, gb, n), sc, ac, bc, n, c, x);
-          store(pb, p + i, n);
-          state_store<S>(sb, sq + i, n);
-          if (centered) state_store<S>(ab, ga + i, n);
-          if (mom) state_store<S>(bb, buf + i, n);
-        }
-      }
-    });
+    const auto block = rms_block<C>(weight_decay != 0, centered, mom, !centered || lerp_small(C(1.0 - alpha)));
+    step_blocks<S, M>(items, params, grads,
+                      {&square_avgs, centered ? &grad_avgs : nullptr, mom ? &momentum_buffers : nullptr},
+                      [&](int64_t, C* p, const C* g, C* sq, C* ga, C* buf, int64_t n) {
+                        block(p, g, sq, ga, buf, n, c, x);
+                      });
   });
 }
 

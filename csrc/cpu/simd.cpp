@@ -1,3 +1,4 @@
+#include "loadstore.h"
 #include "simd.h"
 
 #include <algorithm>

@@ -1,0 +1,98 @@
+// The one set of load/store helpers of the CPU kernels: storage (float, double, fp16, bf16) seen
+// in its compute type (float for fp16/bf16), converted in L1-sized blocks (simd.h's kBlock) by
+// vectorized loops (simd.cpp). A loop then runs on plain float or double pointers either way.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace dlk::cpu {
+
+// bf16 <-> float on the raw bits: plain integer ops, so loops using them vectorize.
+DLK_INLINE float bf16_bits_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet: the same rounding as c10::BFloat16.
+DLK_INLINE uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7fc0) : uint16_t(rounded);
+}
+
+// fp16/bf16 storage is computed in float, in L1-sized blocks.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+void to_float(const c10::Half* src, float* dst, int64_t n);
+void to_float(const c10::BFloat16* src, float* dst, int64_t n);
+void from_float(const float* src, c10::Half* dst, int64_t n);
+void from_float(const float* src, c10::BFloat16* dst, int64_t n);
+
+// The compute-type (C) view of m stored elements: the storage itself when it is of type C, else
+// `buf` filled from it. Const storage gives a const view; mutable storage (an optimizer's
+// parameters and state) a mutable one, written back with store().
+template <typename S, typename C>
+DLK_INLINE auto load(S* p, C* buf, int64_t m) {
+  if constexpr (std::is_same_v<std::remove_const_t<S>, C>) {
+    return p;
+  } else {
+    to_float(p, buf, m);
+    return static_cast<std::conditional_t<std::is_const_v<S>, const C*, C*>>(buf);
+  }
+}
+
+// Where a loop writes m elements bound for storage p: p itself when it is of type C, else `buf`
+// (then stored with store()).
+template <typename S, typename C>
+DLK_INLINE C* out_ptr(S* p, C* buf) {
+  if constexpr (std::is_same_v<S, C>) {
+    return p;
+  } else {
+    return buf;
+  }
+}
+
+// Writes back what load() or out_ptr() gave: a conversion where the storage is not of type C.
+template <typename C, typename S>
+DLK_INLINE void store(const C* buf, S* p, int64_t m) {
+  if constexpr (!std::is_same_v<S, C>) from_float(buf, p, m);
+}
+
+// load() and store() that always go through `buf`, copying storage of type C as well: a loop
+// that walks its block column-wise runs faster from an L1 copy made in one sequential sweep.
+template <typename S, typename C>
+DLK_INLINE const C* load_block(const S* p, C* buf, int64_t m) {
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(buf, p, m * sizeof(S));
+  } else {
+    to_float(p, buf, m);
+  }
+  return buf;
+}
+
+template <typename C, typename S>
+DLK_INLINE void store_block(const C* buf, S* p, int64_t m) {
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(p, buf, m * sizeof(S));
+  } else {
+    from_float(buf, p, m);
+  }
+}
+
+// Hints the cache lines of n elements at p into the cache.
+template <typename S>
+DLK_INLINE void prefetch(const S* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(S))) __builtin_prefetch(p + i);
+}
+
+}  // namespace dlk::cpu
