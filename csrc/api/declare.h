@@ -8,16 +8,17 @@
 #include <vector>
 
 #ifdef DLK_WITH_CUDA
-#define DLK_DECLARE_CUDA_API(API) \
+#define DLK_DECLARE_CUDA_API(...) \
   namespace dlk::cuda {           \
-  API                             \
+  __VA_ARGS__                     \
   }
 #else
-#define DLK_DECLARE_CUDA_API(API)
+#define DLK_DECLARE_CUDA_API(...)
 #endif
 
-#define DLK_DECLARE_API(API) \
+// Variadic: the expanded list holds commas (parameter lists).
+#define DLK_DECLARE_API(...) \
   namespace dlk::cpu {       \
-  API                        \
+  __VA_ARGS__                \
   }                          \
-  DLK_DECLARE_CUDA_API(API)
+  DLK_DECLARE_CUDA_API(__VA_ARGS__)
