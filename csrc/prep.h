@@ -5,9 +5,12 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "common/codes.h"
+#include "common/philox.h"
 
 namespace dlk {
 
@@ -106,6 +109,59 @@ inline at::Tensor channel_values(const std::optional<at::Tensor>& t, const at::T
   if (!t) return at::full({c}, fill, x.options().dtype(acc_type(x)));
   at::Tensor v = t->to(acc_type(x)).contiguous();
   return v.numel() == c ? v : v.reshape({1}).expand({c}).contiguous();
+}
+
+// ---- dropout (docs/dropout.md) ----
+
+inline void check_dropout_p(double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dlkernels dropout kernels: p must be in [0, 1), got ", p,
+              " (p == 1 is handled by the caller)");
+}
+
+inline void check_per_channel(const at::Tensor& x, bool per_channel) {
+  TORCH_CHECK(!per_channel || x.dim() >= 2,
+              "dlkernels dropout: per-channel dropout needs an input of at least 2 dims (N, C, ...), got ",
+              x.dim(), "-d input");
+}
+
+inline void check_grad_like(const at::Tensor& grad, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), op,
+              ": grad must match input in shape and dtype, got ", grad.sizes(), " ",
+              grad.scalar_type(), " and ", x.sizes(), " ", x.scalar_type());
+}
+
+// The IndexMap (common/philox.h) of the dense tensor xd: dims of size > 1 sorted by stride,
+// outermost first, merged while the outer dim's weight is the inner one's times its size, then
+// stored innermost first. ndim > kIndexMapMaxDims when it has more coalesced dims than that.
+inline IndexMap make_index_map(const at::Tensor& xd, bool per_channel) {
+  struct Dim {
+    int64_t stride, size, weight;
+  };
+  const int64_t nd = xd.dim();
+  std::vector<Dim> dims;
+  int64_t row_major = 1;  // the row-major stride of dim d in xd's shape
+  for (int64_t d = nd - 1; d >= 0; --d) {
+    const int64_t w = per_channel ? (d == 0 ? xd.size(1) : d == 1 ? 1 : 0) : row_major;
+    if (xd.size(d) != 1) dims.push_back({xd.stride(d), xd.size(d), w});
+    row_major *= xd.size(d);
+  }
+  std::stable_sort(dims.begin(), dims.end(), [](const Dim& a, const Dim& b) { return a.stride > b.stride; });
+  std::vector<Dim> merged;  // outermost first
+  for (const Dim& d : dims) {
+    if (!merged.empty() && merged.back().weight == d.weight * d.size) {
+      merged.back().size *= d.size;
+      merged.back().weight = d.weight;
+    } else {
+      merged.push_back(d);
+    }
+  }
+  IndexMap map{};
+  map.ndim = static_cast<int>(merged.size());
+  for (int d = 0; d < map.ndim && d < kIndexMapMaxDims; ++d) {
+    map.size[d] = merged[merged.size() - 1 - d].size;
+    map.weight[d] = merged[merged.size() - 1 - d].weight;
+  }
+  return map;
 }
 
 }  // namespace dlk

@@ -54,6 +54,10 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     run(f"leaky {dt}", lambda x: F.leaky_relu(x, -0.3), x)
     run(f"prelu {dt}", F.prelu, x, w)
     run(f"prelu CL {dt}", F.prelu, x.to(memory_format=torch.channels_last), w)
+    run(f"dropout {dt}", lambda x: F.dropout(x, 0.3, seed=5), x)
+    run(f"dropout2d CL {dt}", lambda x: F.dropout2d(x, 0.5, seed=6), x.to(memory_format=torch.channels_last))
+    run(f"leaky dropout {dt}", lambda x: F.leaky_relu_dropout(x, 0.1, 0.2, seed=7), x)
+    run(f"prelu dropout {dt}", lambda x, w: F.prelu_dropout(x, w, 0.5, seed=8), x, w)
     for shape, cl in (((4, 3, 67, 5), False), ((5, 32, 3, 3), True), ((6, 3, 4, 4), True), ((300, 16), False)):
         xb = (torch.randn(shape, generator=g) * 2 + 3).to(dt)
         xb = xb.to(memory_format=torch.channels_last) if cl else xb
