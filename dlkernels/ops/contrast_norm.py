@@ -45,7 +45,7 @@ def _gcn(x: Tensor, scale: float, lam: float, eps: float, style: str, subtract_m
 
 @_gcn.register_fake
 def _(x, scale, lam, eps, style, subtract_mean):
-    return _like_kernel(x), x.new_empty((x.shape[0], 3), dtype=compute_dtype(x))
+    return _like_kernel(x), x.new_empty((x.shape[0], 4), dtype=compute_dtype(x))
 
 
 @custom_op("dlkernels::global_contrast_norm_backward", mutates_args=())
@@ -130,7 +130,8 @@ def global_contrast_norm(input: Tensor, scale: float = 1.0, lam: float = 0.0, ep
     - ``style="pylearn2_std"`` (pylearn2's ``global_contrast_normalize(use_std=True)``, with
       ``sqrt_bias=lam``, ``min_divisor=eps``)::
 
-          d = sqrt(lam + var(c, ddof=1)) / scale      (ddof=0 for a single element)
+          d = sqrt(lam + var(c, ddof=1)) / scale      (ddof=0 for a single element; var is
+                                                       about the mean even when c = x)
           d = 1 where d < eps
           y = c / d
 
@@ -160,13 +161,15 @@ def global_contrast_norm(input: Tensor, scale: float = 1.0, lam: float = 0.0, ep
     red = _reduced_dims(input, dims)
     nd = input.dim()
     keep = [d for d in range(nd) if d not in red]
-    if keep == [0] or (nd == 1 and not red):
+    if keep == [0]:
         # the fast path: examples along dim 0
         x = input if blocked(input) else input.contiguous()
         return _gcn(x, scale, lam, eps, style, subtract_mean)[0]
     perm = keep + red
     xp = input.permute(perm)
-    k = math.prod(input.shape[d] for d in keep)
+    k = 1
+    for d in keep:  # (a loop: dynamo cannot trace math.prod of a generator)
+        k *= input.shape[d]
     x2 = xp.reshape(k, -1)
     x2 = x2 if blocked(x2) else x2.contiguous()
     y2 = _gcn(x2, scale, lam, eps, style, subtract_mean)[0]

@@ -5,7 +5,8 @@ M elements:
 
 - ``style="book"`` (Deep Learning book, eq. 12.3): ``y = scale * c / max(eps, sqrt(lam + mean(c^2)))``;
 - ``style="pylearn2_std"``: ``d = sqrt(lam + var(c, ddof=1)) / scale`` (ddof=0 when M == 1),
-  ``d = 1 where d < eps``, ``y = c / d``;
+  ``d = 1 where d < eps``, ``y = c / d``; var is about the mean, also with ``subtract_mean=False``
+  (as pylearn2's ``X.var``);
 - ``style="pylearn2_l2"``: the same with ``d = sqrt(lam + sum(c^2)) / scale``.
 
 ``gcn`` is that definition written with differentiable torch ops (the float64 reference of the
@@ -17,17 +18,19 @@ memory (contiguous, channels_last, ...: ``blocked(x)``; the ops layer brings any
 ``dims`` to that by permuting and reshaping to a contiguous (N, M)):
 
 - ``global_contrast_norm(x, scale, lam, eps, style, subtract_mean) -> (y, stats)``: y in x's dtype,
-  laid out as ``empty_like(x)``; stats (N, 3) float32 (float64 for float64 x): per example the
-  subtracted mean (0 when ``subtract_mean=False``), ``inv`` and ``w`` with ``y = (x - mean) * inv``
-  and ``w = dinv/ds / (-D s)`` the backward's coefficient: with ``s = sqrt(lam + m2 / D)``
-  (m2 = sum(c^2); D = M for book, max(M - 1, 1) for pylearn2_std, 1 for pylearn2_l2):
+  laid out as ``empty_like(x)``; stats (N, 4) float32 (float64 for float64 x): per example
+  ``(a, inv, w, b)`` with ``y = (x - a) * inv``: a is the subtracted mean (0 when
+  ``subtract_mean=False``), b the centre of the sum of squares m2 = sum((x - b)^2) the divisor
+  depends on (the mean for pylearn2_std, else a); means are computed about the example's first
+  value, so a constant example's mean is exactly its value and c = 0. With
+  ``s = sqrt(lam + m2 / D)`` (D = M for book, max(M - 1, 1) for pylearn2_std, 1 for pylearn2_l2):
   ``inv = scale / s`` and ``w = inv / (D s^2)`` where the divisor depends on s; where max() or the
   pylearn2 replacement picks the constant branch, ``inv`` is that constant (scale / eps, or 1) and
   ``w = 0``; where the divisor is 0 (eps = lam = 0 and c = 0: 0/0) ``inv = w = 0``, so the output
   and the gradient are 0, never NaN.
 - ``global_contrast_norm_backward(grad, x, stats, subtract_mean) -> grad_input``:
-  ``inv * (g - mean(g)) - c * w * sum(g * c)`` (without ``- mean(g)`` when not subtracting the
-  mean), laid out as x (grad is read in x's layout).
+  ``inv * (g - mean(g)) - (x - b) * w * sum(g * (x - a))`` (without ``- mean(g)`` when not
+  subtracting the mean), laid out as x (grad is read in x's layout).
 
 Reduced-precision x computes in float32; float64 in float64.
 """
@@ -80,6 +83,11 @@ def coefficients(m2: Tensor, m: int, scale: float, lam: float, eps: float, style
     return torch.where(null, zero, inv), torch.where(null, zero, w)
 
 
+def _out_like(x: Tensor) -> Tensor:
+    """The kernels' output layout: x's when blocked, else contiguous."""
+    return torch.empty_like(x) if blocked(x) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _dims(x: Tensor) -> list[int]:
     return list(range(1, x.dim()))
 
@@ -90,17 +98,17 @@ def global_contrast_norm(x: Tensor, scale: float, lam: float, eps: float, style:
     n = x.shape[0]
     m = x.numel() // n if n else 0
     xc = x.to(cd).reshape(n, m)
-    if subtract_mean and m:
-        mean = xc.mean(1, keepdim=True)
-    else:
-        mean = xc.new_zeros(n, 1)
-    c = xc - mean
-    m2 = (c * c).sum(1, keepdim=True).double()
+    # about each example's first value: a constant example has exactly its value as mean (c = 0)
+    shift = xc[:, :1]
+    mean = shift + (xc - shift).mean(1, keepdim=True) if m else xc.new_zeros(n, 1)
+    a = mean if subtract_mean else torch.zeros_like(mean)
+    b = mean if subtract_mean or style == "pylearn2_std" else a
+    m2 = ((xc - b) ** 2).sum(1, keepdim=True).double()
     inv, w = coefficients(m2, m, scale, lam, eps, style)
     inv, w = inv.to(cd), w.to(cd)
-    y = torch.empty_like(x)
-    y.copy_((c * inv).reshape(x.shape))
-    return y, torch.cat([mean, inv, w], 1)
+    y = _out_like(x)
+    y.copy_(((xc - a) * inv).reshape(x.shape))
+    return y, torch.cat([a, inv, w, b], 1)
 
 
 def global_contrast_norm_backward(grad: Tensor, x: Tensor, stats: Tensor, subtract_mean: bool) -> Tensor:
@@ -108,11 +116,10 @@ def global_contrast_norm_backward(grad: Tensor, x: Tensor, stats: Tensor, subtra
     n = x.shape[0]
     m = x.numel() // n if n else 0
     xc, g = x.to(cd).reshape(n, m), grad.to(cd).reshape(n, m)
-    mean, inv, w = stats[:, 0:1], stats[:, 1:2], stats[:, 2:3]
-    c = xc - mean
+    a, inv, w, b = stats[:, 0:1], stats[:, 1:2], stats[:, 2:3], stats[:, 3:4]
     gm = g - g.mean(1, keepdim=True) if subtract_mean and m else g
-    gi = inv * gm - c * (w * (g * c).sum(1, keepdim=True))
-    out = torch.empty_like(x)
+    gi = inv * gm - (xc - b) * (w * (g * (xc - a)).sum(1, keepdim=True))
+    out = _out_like(x)
     out.copy_(gi.reshape(x.shape))
     return out
 
@@ -128,7 +135,10 @@ def gcn(x: Tensor, scale: float = 1.0, lam: float = 0.0, eps: float = 1e-8, styl
     xc = x.to(cd)
     m = math.prod(x.shape[d] for d in dims)
     c = xc - xc.mean(dims, keepdim=True) if subtract_mean else xc
-    sq = (c * c).sum(dims, keepdim=True)
+    if style == "pylearn2_std":  # var about the mean (pylearn2's X.var), also of an uncentered c
+        sq = ((c - c.mean(dims, keepdim=True)) ** 2).sum(dims, keepdim=True)
+    else:
+        sq = (c * c).sum(dims, keepdim=True)
     if style == "book":
         y = scale * c / torch.clamp(torch.sqrt(lam + sq / m), min=eps)
     else:

@@ -1,0 +1,350 @@
+"""Global contrast normalization on every backend against the float64 reference of each formula
+(dlkernels.reference.contrast_norm.gcn), forward and backward, over styles, dtypes, layouts and
+dims; hand-worked values, constant images, pylearn2's behaviour, the module's inputs (one image,
+uint8, numpy), gradcheck, opcheck, torch.compile and bad input."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import DTYPES, assert_close_like_torch, backend_params
+
+import dlkernels
+import dlkernels.functional as F
+from dlkernels.reference.contrast_norm import gcn
+
+BACKENDS = backend_params("cpu")
+STYLES = ["book", "pylearn2_std", "pylearn2_l2"]
+
+
+def _gen(*case) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def make(shape, dtype, layout="contiguous", *case) -> torch.Tensor:
+    """Images with a non-zero mean and unit-ish contrast, in `layout`."""
+    gen = _gen(shape, dtype, layout, *case)
+    if layout == "strided":  # every other column of a wider tensor: not dense
+        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)[..., ::2] * 2 + 1
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+def compare(backend, x, kwargs, grad_seed="g"):
+    """Forward and backward of dlkernels (backend) vs the spec in x's dtype and in float64."""
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    x64 = x.detach().double().requires_grad_()
+    with dlkernels.use_backend(backend):
+        y = F.global_contrast_norm(xs[0], **kwargs)
+    dims = kwargs.get("dims")
+    dims = [dims] if isinstance(dims, int) else dims
+    spec = {k: v for k, v in kwargs.items() if k != "dims"}
+    y_t, y64 = gcn(xs[1], dims=dims, **spec), gcn(x64, dims=dims, **spec)
+    assert_close_like_torch(y, y_t, y64)
+    g = torch.randn(x.shape, generator=_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
+    with dlkernels.use_backend(backend):
+        (gx,) = torch.autograd.grad(y, xs[0], g)
+    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
+    (gx64,) = torch.autograd.grad(y64, x64, g.double())
+    assert_close_like_torch(gx, gx_t, gx64)
+    return y
+
+
+# ---- against the reference formulas ----
+
+SHAPES = [((3, 5, 7, 11), "contiguous"), ((3, 5, 7, 11), "channels_last"), ((3, 5, 7, 11), "strided"),
+          ((2, 3000), "contiguous"), ((7,), "contiguous"), ((1, 1, 1, 1), "contiguous")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=str)
+def test_dtypes_layouts(backend, dtype, shape, layout):
+    x = make(shape, dtype, layout)
+    y = compare(backend, x, dict(scale=1.5, lam=0.1, eps=1e-8))
+    if layout == "channels_last":
+        assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("subtract_mean", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_styles(backend, style, subtract_mean, dtype):
+    x = make((4, 3, 6, 5), dtype, "contiguous", style)
+    for lam, eps in ((0.0, 1e-8), (10.0, 0.0), (0.5, 1e-3)):
+        compare(backend, x, dict(scale=2.0, lam=lam, eps=eps, style=style, subtract_mean=subtract_mean))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(1,), (2, 3), (0, 2), 0, (-1, 1), (0, 1, 2, 3)], ids=str)
+def test_dims(backend, dims):
+    x = make((3, 4, 5, 6), torch.float32, "channels_last", dims)
+    compare(backend, x, dict(scale=1.0, lam=0.2, eps=1e-8, style="pylearn2_std", dims=dims))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_examples_split_path(backend):
+    # few examples longer than one parallel task: the CPU splits within examples
+    x = make((2, 40000), torch.float32)
+    compare(backend, x, dict(scale=1.0, lam=0.0, eps=1e-8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend):
+    for shape in ((0, 3, 4), (0,)):
+        x = torch.empty(shape, requires_grad=True)
+        with dlkernels.use_backend(backend):
+            y = F.global_contrast_norm(x)
+            y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+# ---- hand-worked values ----
+
+C = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64)  # [1, 2, 3, 4] minus its mean 2.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style,scale,lam,want", [
+    ("book", 1.0, 0.0, C / 1.25 ** 0.5),  # mean(c^2) = 1.25
+    ("book", 2.0, 0.75, C * 2 ** 0.5),  # 2 c / sqrt(0.75 + 1.25)
+    ("pylearn2_std", 1.0, 1 / 3, C / 2 ** 0.5),  # var(ddof=1) = 5/3; sqrt(1/3 + 5/3)
+    ("pylearn2_l2", 3.0, 4.0, C),  # sum(c^2) = 5; sqrt(4 + 5) / 3 = 1
+])
+def test_hand_worked(backend, style, scale, lam, want):
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
+    with dlkernels.use_backend(backend):
+        y = F.global_contrast_norm(x, scale, lam, 1e-8, style=style)
+    torch.testing.assert_close(y.flatten(), want, rtol=1e-12, atol=1e-12)
+
+
+# ---- constant images and pylearn2's replacement ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_constant_image(backend, style, dtype):
+    x = torch.full((2, 3, 4, 4), 0.7, dtype=dtype).requires_grad_()
+    g = make((2, 3, 4, 4), dtype, "contiguous", "g")
+    g64 = g.double().reshape(2, -1)
+    for lam, eps, inv in ((0.0, 1e-3, None), (0.0, 0.0, 0.0)):
+        if inv is None:  # the constant branch: scale / eps (book) or 1 (pylearn2)
+            inv = 2.0 / eps if style == "book" else 1.0
+        with dlkernels.use_backend(backend):
+            y = F.global_contrast_norm(x, 2.0, lam, eps, style=style)
+            (gx,) = torch.autograd.grad(y, x, g)
+        assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+        assert (y == 0).all()
+        want = inv * (g64 - g64.mean(1, keepdim=True))
+        tol = 1e-12 if dtype == torch.float64 else 1e-5 * max(inv, 1) if dtype == torch.float32 else 1e-2 * max(inv, 1)
+        torch.testing.assert_close(gx.double().reshape(2, -1), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_over_zero_without_mean(backend):
+    x = torch.zeros(3, 8, requires_grad=True)
+    with dlkernels.use_backend(backend):
+        y = F.global_contrast_norm(x, 1.0, 0.0, 0.0, subtract_mean=False)
+        (gx,) = torch.autograd.grad(y, x, torch.randn(3, 8, generator=_gen("z")))
+    assert (y == 0).all() and (gx == 0).all()
+
+
+def pylearn2_global_contrast_normalize(X, scale=1.0, subtract_mean=True, use_std=False, sqrt_bias=0.0,
+                                       min_divisor=1e-8):
+    """pylearn2.expr.preprocessing.global_contrast_normalize, transcribed (numpy, float64)."""
+    X = np.array(X, dtype=np.float64).reshape(X.shape[0], -1)
+    mean = X.mean(axis=1)
+    if subtract_mean:
+        X = X - mean[:, np.newaxis]
+    if use_std:
+        ddof = 0 if X.shape[1] == 1 else 1
+        normalizers = np.sqrt(sqrt_bias + X.var(axis=1, ddof=ddof)) / scale
+    else:
+        normalizers = np.sqrt(sqrt_bias + (X ** 2).sum(axis=1)) / scale
+    normalizers[normalizers < min_divisor] = 1.0
+    X /= normalizers[:, np.newaxis]
+    return X
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_std", [True, False])
+@pytest.mark.parametrize("subtract_mean", [True, False])
+def test_pylearn2_behaviour(backend, use_std, subtract_mean):
+    gen = _gen("pylearn2", use_std, subtract_mean)
+    x = torch.randn(6, 3, 5, 5, generator=gen, dtype=torch.float64) + 0.5
+    x[1] = x[1] * 1e-4  # divisor below min_divisor: replaced by 1 (not blown up)
+    x[2] = 3.0  # constant
+    style = "pylearn2_std" if use_std else "pylearn2_l2"
+    for scale, lam, eps in ((1.0, 0.0, 1e-2), (55.0, 10.0, 1e-8), (1.0, 0.0, 0.5)):
+        want = pylearn2_global_contrast_normalize(x.numpy(), scale, subtract_mean, use_std, lam, eps)
+        with dlkernels.use_backend(backend):
+            y = F.global_contrast_norm(x, scale, lam, eps, style=style, subtract_mean=subtract_mean)
+        np.testing.assert_allclose(y.reshape(6, -1).numpy(), want, rtol=1e-10, atol=1e-12)
+    # one element per example: ddof=0
+    x1 = torch.tensor([[2.0], [-3.0]], dtype=torch.float64)
+    with dlkernels.use_backend(backend):
+        y1 = F.global_contrast_norm(x1, 1.0, 0.0, 1e-8, style=style, subtract_mean=False)
+    np.testing.assert_allclose(y1.numpy(), pylearn2_global_contrast_normalize(x1.numpy(), 1.0, False, use_std))
+
+
+# ---- gradcheck, determinism ----
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference", "triton")])
+@pytest.mark.parametrize("style", STYLES)
+def test_gradcheck_float64(backend, style):
+    x = make((2, 3, 4, 3), torch.float64, "contiguous", "gc").requires_grad_()
+    with dlkernels.use_backend(backend):
+        for sub in (True, False):
+            for lam, eps in ((0.0, 1e-8), (10.0, 0.0), (0.3, 0.05)):
+                kw = dict(scale=1.5, lam=lam, eps=eps, style=style, subtract_mean=sub)
+                assert torch.autograd.gradcheck(lambda t, kw=kw: F.global_contrast_norm(t, **kw), (x,))
+        assert torch.autograd.gradcheck(lambda t: F.global_contrast_norm(t, style=style, dims=(0, 2)), (x,))
+        # the constant branch (book: eps above the contrast; pylearn2: divisor replaced by 1)
+        assert torch.autograd.gradcheck(lambda t: F.global_contrast_norm(t, 1.0, 0.0, 50.0, style=style), (x,))
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("shape", [(16, 3, 8, 8), (2, 70000)], ids=str)
+def test_cpu_independent_of_thread_count(backend, shape):
+    x = make(shape, torch.float32, "contiguous", "threads").requires_grad_()
+    g = make(shape, torch.float32, "contiguous", "threads-g")
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            with dlkernels.use_backend(backend):
+                y = F.global_contrast_norm(x, 1.0, 0.1, 1e-8)
+                out.append((y, *torch.autograd.grad(y, x, g)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+# ---- the module ----
+
+def test_module_inputs():
+    m = dlkernels.nn.GlobalContrastNorm(2.0, 0.5, 1e-8, style="pylearn2_std")
+    assert repr(m) == "GlobalContrastNorm(scale=2.0, lam=0.5, eps=1e-08, style='pylearn2_std', subtract_mean=True)"
+    assert list(m.parameters()) == [] and m.state_dict() == {}
+    gen = _gen("module")
+    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=gen, dtype=torch.uint8)
+    want = F.global_contrast_norm(batch.float(), 2.0, 0.5, 1e-8, style="pylearn2_std")  # values kept: no / 255
+    torch.testing.assert_close(m(batch), want)
+    assert m(batch).dtype == torch.float32
+    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
+    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
+    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-6, atol=1e-6)
+    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
+    out = m(hwc)
+    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
+    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=1e-6, atol=1e-6)
+    out64 = m(hwc.astype(np.float64))
+    assert out64.dtype == np.float64
+    dm = dlkernels.nn.GlobalContrastNorm(dims=(2, 3))
+    assert "dims=(2, 3)" in repr(dm)
+    torch.testing.assert_close(dm(batch[0]), F.global_contrast_norm(batch[:1].float(), dims=(2, 3))[0])
+
+
+# ---- opcheck, compile ----
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "reference")])
+def test_opcheck(backend):
+    ops = torch.ops.dlkernels
+    x = make((2, 3, 4, 5), torch.float32, "contiguous", "op").requires_grad_()
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    x_t = x.detach().transpose(0, 1).requires_grad_()  # dense, but examples are not blocks
+    with dlkernels.use_backend(backend):
+        _, stats = ops.global_contrast_norm.default(x.detach(), 1.0, 0.0, 1e-8, "book", True)
+        g = torch.randn(x.shape, generator=_gen("op-g"))
+        cases = [
+            (ops.global_contrast_norm.default, (x, 1.0, 0.0, 1e-8, "book", True)),
+            (ops.global_contrast_norm.default, (x_cl, 2.0, 10.0, 0.0, "pylearn2_std", False)),
+            (ops.global_contrast_norm.default, (x_t, 1.0, 0.0, 1e-8, "pylearn2_l2", True)),
+            (ops.global_contrast_norm_backward.default, (g, x.detach(), stats, True)),
+        ]
+        for op, args in cases:
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), dlkernels.nn.GlobalContrastNorm(1.0, 10.0, 0.0), torch.nn.Conv2d(4, 2, 1),
+        dlkernels.nn.GlobalContrastNorm(3.0, 1.0, style="pylearn2_l2", dims=(2, 3)))
+    x = torch.randn(2, 3, 9, 9)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    y, y_c = model(x), compiled(x)
+    torch.testing.assert_close(y_c, y)
+    grads = torch.autograd.grad(y.sum() + (y * y).sum(), list(model.parameters()))
+    yc = compiled(x)
+    grads_c = torch.autograd.grad(yc.sum() + (yc * yc).sum(), list(model.parameters()))
+    for a, b in zip(grads, grads_c, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- bad input ----
+
+BAD_CALLS = [
+    ("input list", lambda: F.global_contrast_norm([1.0, 2.0]), TypeError, "input"),
+    ("input int", lambda: F.global_contrast_norm(torch.tensor([[1, 2]])), TypeError, "input"),
+    ("input bool", lambda: F.global_contrast_norm(torch.tensor([[True]])), TypeError, "input"),
+    ("input complex", lambda: F.global_contrast_norm(torch.randn(2, 2, dtype=torch.cfloat)), TypeError, "input"),
+    ("input 0-d", lambda: F.global_contrast_norm(torch.tensor(1.0)), ValueError, "input"),
+    ("scale str", lambda: F.global_contrast_norm(torch.randn(2, 3), "1"), TypeError, "scale"),
+    ("scale nan", lambda: F.global_contrast_norm(torch.randn(2, 3), float("nan")), ValueError, "scale"),
+    ("lam negative", lambda: F.global_contrast_norm(torch.randn(2, 3), 1.0, -1.0), ValueError, "lam"),
+    ("lam None", lambda: F.global_contrast_norm(torch.randn(2, 3), 1.0, None), TypeError, "lam"),
+    ("eps negative", lambda: F.global_contrast_norm(torch.randn(2, 3), eps=-1e-8), ValueError, "eps"),
+    ("eps str", lambda: F.global_contrast_norm(torch.randn(2, 3), eps="x"), TypeError, "eps"),
+    ("style unknown", lambda: F.global_contrast_norm(torch.randn(2, 3), style="pylearn2"), ValueError, "style"),
+    ("style None", lambda: F.global_contrast_norm(torch.randn(2, 3), style=None), ValueError, "style"),
+    ("subtract_mean str", lambda: F.global_contrast_norm(torch.randn(2, 3), subtract_mean="no"), TypeError,
+     "subtract_mean"),
+    ("dims out of range", lambda: F.global_contrast_norm(torch.randn(2, 3), dims=2), IndexError, "dims"),
+    ("dims repeated", lambda: F.global_contrast_norm(torch.randn(2, 3), dims=(1, -1)), ValueError, "dims"),
+    ("dims empty", lambda: F.global_contrast_norm(torch.randn(2, 3), dims=()), ValueError, "dims"),
+    ("dims str", lambda: F.global_contrast_norm(torch.randn(2, 3), dims="1"), TypeError, "dims"),
+    ("module style", lambda: dlkernels.nn.GlobalContrastNorm(style="std"), ValueError, "style"),
+    ("module eps", lambda: dlkernels.nn.GlobalContrastNorm(eps=-1.0), ValueError, "eps"),
+    ("module input str", lambda: dlkernels.nn.GlobalContrastNorm()("image"), TypeError, "input"),
+    ("module input bool", lambda: dlkernels.nn.GlobalContrastNorm()(np.zeros((2, 2), bool)), TypeError, "input"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,arg", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input(name, call, exc, arg):
+    with pytest.raises(exc) as e:
+        call()
+    assert arg in str(e.value)
+
+
+def test_kernel_rejects_unknown_style():
+    for backend in ("reference", "cpu"):
+        if not dlkernels.available_backends()[backend][0]:
+            continue
+        with dlkernels.use_backend(backend), pytest.raises((RuntimeError, KeyError, ValueError)):
+            torch.ops.dlkernels.global_contrast_norm(torch.randn(2, 3), 1.0, 0.0, 1e-8, "nope", True)
+
+
+# ---- on a GPU (pytest -m gpu; skipped without one) ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("style", STYLES)
+def test_contrast_norm_on_gpu(backend, dtype, style):
+    for shape, layout in (((5, 3, 33, 17), "channels_last"), ((3, 70000), "contiguous"), ((4, 3, 8, 8), "strided")):
+        x = make(shape, dtype, layout, "gpu").cuda()
+        compare(backend, x, dict(scale=1.0, lam=0.1, eps=1e-8, style=style))
