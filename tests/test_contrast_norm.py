@@ -5,6 +5,9 @@ uint8, numpy), gradcheck, opcheck, torch.compile and bad input."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -228,6 +231,56 @@ def test_cpu_independent_of_thread_count(backend, shape):
     for other in out[1:]:
         for a, b in zip(out[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+# Every CPU kernel of the family on seeded inputs, for the cross-level comparison below (the central
+# script of tests/test_cpu_capability.py does not list this family's kernels).
+_LEVEL_SCRIPT = r"""
+import sys, torch, dlkernels, dlkernels.functional as F
+g = torch.Generator().manual_seed(0)
+out = {}
+for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for shape in ((3, 37, 5, 7), (2, 40000), (20, 2100)):
+        x = (torch.randn(shape, generator=g) * 3 + 2).to(dt).requires_grad_()
+        gy = torch.randn(shape, generator=g).to(dt)
+        for style in ("book", "pylearn2_std", "pylearn2_l2"):
+            for sub in (True, False):
+                with dlkernels.use_backend("cpu"):
+                    y = F.global_contrast_norm(x, 1.5, 0.1, 1e-8, style=style, subtract_mean=sub)
+                    (gx,) = torch.autograd.grad(y, x, gy)
+                out[f"{dt} {shape} {style} {sub}"] = torch.cat([y.detach().flatten(), gx.flatten()])
+torch.save(out, sys.argv[1])
+"""
+
+
+def _lower_levels() -> list[str]:
+    from dlkernels import _backend
+
+    if _backend._C is None:
+        return []
+    levels = _backend.CPU_CAPABILITIES
+    return list(levels[:levels.index(_backend._C.cpu.native_capability())])
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_cpu_levels_give_the_same_bits(backend, tmp_path):
+    levels = _lower_levels()
+    if not levels:
+        pytest.skip("this CPU runs only the default SIMD level")
+    results = {}
+    for level in [None, *levels]:
+        env = {k: v for k, v in os.environ.items() if k != "DLK_CPU_CAPABILITY"}
+        if level is not None:
+            env["DLK_CPU_CAPABILITY"] = level
+        path = tmp_path / f"{level}.pt"
+        proc = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT, str(path)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[level] = torch.load(path)
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    for level in levels:
+        differ = [k for k in results[None] if not torch.equal(bits(results[None][k]), bits(results[level][k]))]
+        assert not differ, f"DLK_CPU_CAPABILITY={level}: {len(differ)} outputs differ from the best: {differ[:5]}"
 
 
 # ---- the module ----
