@@ -302,6 +302,7 @@ def test_module_inputs():
     out = m(hwc)
     assert isinstance(out, np.ndarray) and out.shape == hwc.shape
     np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
     out64 = m(hwc.astype(np.float64))
     assert out64.dtype == np.float64
     dm = dlkernels.nn.GlobalContrastNorm(dims=(2, 3))

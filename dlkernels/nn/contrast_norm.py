@@ -45,7 +45,8 @@ class GlobalContrastNorm(torch.nn.Module):
     def forward(self, input: Any) -> Any:
         is_numpy = type(input).__module__ == "numpy" and type(input).__name__ == "ndarray"
         if is_numpy:
-            x = torch.from_numpy(input)
+            # from_numpy shares memory; it cannot take negative strides (e.g. a flipped view)
+            x = torch.from_numpy(input.copy() if any(st < 0 for st in input.strides) else input)
             if x.dim() == 3:  # one H,W,C image
                 x = x.permute(2, 0, 1)
         elif isinstance(input, Tensor):
