@@ -18,8 +18,8 @@ memory (contiguous, channels_last, ...: ``blocked(x)``; the ops layer brings any
 ``dims`` to that by permuting and reshaping to a contiguous (N, M)):
 
 - ``global_contrast_norm(x, scale, lam, eps, style, subtract_mean) -> (y, stats)``: y in x's dtype,
-  laid out as ``empty_like(x)``; stats (N, 4) float32 (float64 for float64 x): per example
-  ``(a, inv, w, b)`` with ``y = (x - a) * inv``: a is the subtracted mean (0 when
+  laid out as ``empty_like(x)`` (contiguous when x is not blocked); stats (N, 4) float32
+  (float64 for float64 x): per example ``(a, inv, w, b)`` with ``y = (x - a) * inv``: a is the subtracted mean (0 when
   ``subtract_mean=False``), b the centre of the sum of squares m2 = sum((x - b)^2) the divisor
   depends on (the mean for pylearn2_std, else a); means are computed about the example's first
   value, so a constant example's mean is exactly its value and c = 0. With
