@@ -15,8 +15,6 @@ partials and writes grad_input. Fixed orders, no atomics: deterministic.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +22,7 @@ import triton.language as tl
 from dlkernels.reference.contrast_norm import blocked
 
 from ._aot import AotSpec
+from ._common import like, on_device
 
 BLOCK = 1024
 # N * SPLIT programs aimed at by the reductions: about one wave of 4-warp programs on a 132-SM GPU.
@@ -191,10 +190,6 @@ def _gcn_bwd_apply_kernel(g_ptr, x_ptr, stats_ptr, part_ptr, gi_ptr, M, NBLK, SP
     tl.store(gi_ptr + off, gi.to(gi_ptr.dtype.element_ty), mask=mask)
 
 
-def _device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0:
         raise ValueError("global_contrast_norm: input must have a batch dim, got a 0-d tensor")
@@ -224,7 +219,7 @@ def global_contrast_norm(x: torch.Tensor, scale: float, lam: float, eps: float, 
     wide = xd.numel() > _INT32_LIMIT
     part = torch.empty((n, split, 3), dtype=stats.dtype, device=x.device)
     nblk = triton.cdiv(m, BLOCK)
-    with _device(xd):
+    with on_device(xd):
         _gcn_partial_kernel[(n, split)](xd, part, m, BLOCK=BLOCK, WIDE=wide)
         _gcn_stats_kernel[(n,)](xd, part, stats, m, split, float(scale), float(lam), float(eps), STYLE=_STYLES[style],
                                 SUBTRACT=bool(subtract_mean), SPLIT_P2=triton.next_power_of_2(split))
@@ -235,7 +230,7 @@ def global_contrast_norm(x: torch.Tensor, scale: float, lam: float, eps: float, 
 def global_contrast_norm_backward(grad: torch.Tensor, x: torch.Tensor, stats: torch.Tensor,
                                   subtract_mean: bool) -> torch.Tensor:
     xd = _prepare(x)
-    gd = grad if grad.stride() == xd.stride() else torch.empty_like(xd).copy_(grad)
+    gd = like(grad, xd)
     n = xd.shape[0]
     m = xd.numel() // n if n else 0
     gi = torch.empty_like(xd)
@@ -246,7 +241,7 @@ def global_contrast_norm_backward(grad: torch.Tensor, x: torch.Tensor, stats: to
     wide = xd.numel() > _INT32_LIMIT
     part = torch.empty((n, split, 2), dtype=stats.dtype, device=x.device)
     nblk = triton.cdiv(m, BLOCK)
-    with _device(xd):
+    with on_device(xd):
         _gcn_bwd_partial_kernel[(n, split)](gd, xd, stats, part, m, BLOCK=BLOCK, WIDE=wide)
         _gcn_bwd_apply_kernel[(n * nblk,)](gd, xd, stats, part, gi, m, nblk, split, SUBTRACT=bool(subtract_mean),
                                            SPLIT_P2=triton.next_power_of_2(split), BLOCK=BLOCK, WIDE=wide)

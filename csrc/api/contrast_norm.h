@@ -3,13 +3,12 @@
 // dlk::cpu (csrc/cpu/contrast_norm.cpp) and, in a CUDA build, dlk::cuda (csrc/cuda/contrast_norm*);
 // bound to Python in csrc/bind/contrast_norm.cpp.
 #pragma once
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
 #include <string>
-#include <tuple>
 
 #include "../common/contrast_norm.h"
+#include "declare.h"
 
 #define DLK_CONTRAST_NORM_API                                                                         \
   std::tuple<at::Tensor, at::Tensor> global_contrast_norm(const at::Tensor& x, double scale, double lam, \
@@ -18,15 +17,7 @@
   at::Tensor global_contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,                  \
                                            const at::Tensor& stats, bool subtract_mean);
 
-namespace dlk::cpu {
-DLK_CONTRAST_NORM_API
-}  // namespace dlk::cpu
-
-#ifdef DLK_WITH_CUDA
-namespace dlk::cuda {
-DLK_CONTRAST_NORM_API
-}  // namespace dlk::cuda
-#endif
+DLK_DECLARE_API(DLK_CONTRAST_NORM_API)
 
 // Argument handling shared by the CPU and CUDA entry points.
 namespace dlk::gcn {

@@ -21,6 +21,7 @@
 #include "../api/contrast_norm.h"
 #include "../common/contrast_norm.h"
 #include "../common/moments.h"
+#include "loadstore.h"
 #include "simd.h"
 
 namespace dlk::cpu {
