@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../api/optim.h"
+#include "../common/optim.h"
 #include "binding.h"
 #include "optim.cuh"
 
