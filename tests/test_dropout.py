@@ -141,6 +141,7 @@ def test_gradient_is_mask_times_scale():
 def test_eager_equals_compiled():
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), dnn.LeakyReLUDropout(0.1, 0.3), dnn.Dropout(0.2))
     x = _x((8, 16))
+    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.manual_seed(11)
     y = model(x)

@@ -81,7 +81,7 @@ def _number(name: str, position: int, value: object, nonnegative: bool) -> float
         raise TypeError(f"global_contrast_norm(): argument '{name}' (position {position}) must be a real number, "
                         f"not {type(value).__name__}")
     v = _checks.number_arg("global_contrast_norm", name, position, value)
-    if not math.isfinite(v):
+    if v != v or abs(v) == math.inf:  # not math.isfinite: dynamo cannot trace it
         raise ValueError(f"global_contrast_norm(): argument '{name}' must be finite, got {v}")
     if nonnegative and v < 0:
         raise ValueError(f"global_contrast_norm(): argument '{name}' must be >= 0, got {v}")
