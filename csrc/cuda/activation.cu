@@ -7,20 +7,6 @@
 namespace dlk::cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ compute_t<T> ld(const T* p, int64_t i) {
-  return to_compute(p[i]);
-}
-template <typename T> __device__ __forceinline__ void st(T* p, int64_t i, compute_t<T> v) {
-  p[i] = from_compute<T>(v);
-}
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 65535 * 8 ? b : 65535 * 8);  // grid-stride loops cover the rest
-}
-
 template <typename T>
 __global__ void leaky_fwd_kernel(const T* __restrict__ x, T* y, int64_t n, compute_t<T> slope) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -63,10 +49,10 @@ __global__ void prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ 
     st(gi, i, leaky_relu_bwd(gv, xv, slope));
     acc += prelu_weight_grad(gv, xv);
   }
-  __shared__ A smem[kThreads];
+  __shared__ A smem[kElementwiseThreads];
   smem[threadIdx.x] = acc;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+  for (int stride = kElementwiseThreads / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
     __syncthreads();
   }
@@ -80,7 +66,7 @@ void launch_leaky_relu_fwd(DType t, const void* x, void* y, int64_t n, double sl
   if (n == 0) return;
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    leaky_fwd_kernel<T><<<blocks_for(n), kThreads, 0, s>>>(
+    leaky_fwd_kernel<T><<<elementwise_blocks(n), kElementwiseThreads, 0, s>>>(
         static_cast<const T*>(x), static_cast<T*>(y), n, compute_t<T>(slope));
   });
 }
@@ -90,7 +76,7 @@ void launch_leaky_relu_bwd(DType t, const void* g, const void* x, void* gi, int6
   if (n == 0) return;
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    leaky_bwd_kernel<T><<<blocks_for(n), kThreads, 0, s>>>(
+    leaky_bwd_kernel<T><<<elementwise_blocks(n), kElementwiseThreads, 0, s>>>(
         static_cast<const T*>(g), static_cast<const T*>(x), static_cast<T*>(gi), n,
         compute_t<T>(slope));
   });
@@ -102,7 +88,7 @@ void launch_prelu_fwd(DType t, const void* x, const void* w, void* y, int64_t ou
   if (n == 0) return;
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    prelu_fwd_kernel<T><<<blocks_for(n), kThreads, 0, s>>>(
+    prelu_fwd_kernel<T><<<elementwise_blocks(n), kElementwiseThreads, 0, s>>>(
         static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), n, C, inner);
   });
 }
@@ -113,7 +99,7 @@ void launch_prelu_bwd(DType t, const void* g, const void* x, const void* w, void
   if (outer * C * inner == 0) return;
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    prelu_bwd_kernel<T><<<dim3(split, C), kThreads, 0, s>>>(
+    prelu_bwd_kernel<T><<<dim3(split, C), kElementwiseThreads, 0, s>>>(
         static_cast<const T*>(g), static_cast<const T*>(x), static_cast<const T*>(w),
         static_cast<T*>(gi), static_cast<compute_t<T>*>(partials), outer, C, inner);
   });

@@ -39,6 +39,22 @@ template <typename T, typename C> __device__ __forceinline__ T from_c(C v) {
 template <typename T> __device__ __forceinline__ compute_t<T> to_compute(T v) { return to_c<compute_t<T>>(v); }
 template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) { return from_c<T>(v); }
 
+// Element i of storage p as the compute type, and back.
+template <typename T> __device__ __forceinline__ compute_t<T> ld(const T* p, int64_t i) {
+  return to_compute(p[i]);
+}
+template <typename T> __device__ __forceinline__ void st(T* p, int64_t i, compute_t<T> v) {
+  p[i] = from_compute<T>(v);
+}
+
+// Launch shape of the elementwise grid-stride kernels (activation, dropout).
+constexpr int kElementwiseThreads = 256;
+
+inline int elementwise_blocks(int64_t n) {
+  const int64_t b = (n + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<int>(b < 65535 * 8 ? b : 65535 * 8);  // grid-stride loops cover the rest
+}
+
 // Calls f with a value of the storage type named by t.
 template <typename F>
 void dispatch(DType t, F&& f) {

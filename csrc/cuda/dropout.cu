@@ -17,20 +17,6 @@
 namespace dlk::cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ compute_t<T> ld(const T* p, int64_t i) {
-  return to_compute(p[i]);
-}
-template <typename T> __device__ __forceinline__ void st(T* p, int64_t i, compute_t<T> v) {
-  p[i] = from_compute<T>(v);
-}
-
-constexpr int kThreads = 256;
-
-int blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(b < 65535 * 8 ? b : 65535 * 8);  // grid-stride loops cover the rest
-}
-
 // ---- the loops: op(o, word) for every memory position o < n ----
 
 // Row-major memory: thread per counter q, one Philox evaluation for positions 4q .. 4q + 3.
@@ -64,11 +50,11 @@ void launch_map(int64_t n, const IndexMap& map, const uint32_t* grid, uint32_t k
                 cudaStream_t s) {
   if (n == 0) return;
   if (is_row_major(map)) {
-    quad_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, s>>>(n, k0, k1, op);
+    quad_kernel<<<elementwise_blocks((n + 3) / 4), kElementwiseThreads, 0, s>>>(n, k0, k1, op);
   } else if (grid != nullptr) {
-    element_kernel<true><<<blocks_for(n), kThreads, 0, s>>>(n, map, grid, k0, k1, op);
+    element_kernel<true><<<elementwise_blocks(n), kElementwiseThreads, 0, s>>>(n, map, grid, k0, k1, op);
   } else {
-    element_kernel<false><<<blocks_for(n), kThreads, 0, s>>>(n, map, grid, k0, k1, op);
+    element_kernel<false><<<elementwise_blocks(n), kElementwiseThreads, 0, s>>>(n, map, grid, k0, k1, op);
   }
 }
 
@@ -151,10 +137,10 @@ __global__ void prelu_dropout_bwd_kernel(const T* __restrict__ g, const T* __res
     st(gi, i, leaky_relu_bwd(d, xv, slope));
     acc += prelu_weight_grad(d, xv);
   }
-  __shared__ A smem[kThreads];
+  __shared__ A smem[kElementwiseThreads];
   smem[threadIdx.x] = acc;
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+  for (int stride = kElementwiseThreads / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
     __syncthreads();
   }
@@ -165,17 +151,17 @@ __global__ void prelu_dropout_bwd_kernel(const T* __restrict__ g, const T* __res
 
 void launch_philox(const int64_t* counter, int64_t* out, int64_t n, uint32_t k0, uint32_t k1, cudaStream_t s) {
   if (n == 0) return;
-  philox_kernel<<<blocks_for(n), kThreads, 0, s>>>(counter, out, n, k0, k1);
+  philox_kernel<<<elementwise_blocks(n), kElementwiseThreads, 0, s>>>(counter, out, n, k0, k1);
 }
 
 void launch_dropout_bits(int64_t* out, int64_t n, uint32_t k0, uint32_t k1, cudaStream_t s) {
   if (n == 0) return;
-  quad_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, s>>>(n, k0, k1, BitsOp<int64_t>{out});
+  quad_kernel<<<elementwise_blocks((n + 3) / 4), kElementwiseThreads, 0, s>>>(n, k0, k1, BitsOp<int64_t>{out});
 }
 
 void launch_dropout_grid(uint32_t* out, int64_t n, uint32_t k0, uint32_t k1, cudaStream_t s) {
   if (n == 0) return;
-  quad_kernel<<<blocks_for((n + 3) / 4), kThreads, 0, s>>>(n, k0, k1, BitsOp<uint32_t>{out});
+  quad_kernel<<<elementwise_blocks((n + 3) / 4), kElementwiseThreads, 0, s>>>(n, k0, k1, BitsOp<uint32_t>{out});
 }
 
 void launch_dropout_fwd(DType t, int act, const void* x, const void* w, void* y, int64_t n, int64_t C,
@@ -224,9 +210,9 @@ void launch_prelu_dropout_bwd(DType t, const void* g, const void* x, const void*
     auto* pp = static_cast<compute_t<T>*>(partials);
     const dim3 grid_dim(split, C);
     if (is_row_major(map)) {
-      prelu_dropout_bwd_kernel<T, true><<<grid_dim, kThreads, 0, s>>>(gp, xp, wp, gip, pp, outer, C, inner, map, prm);
+      prelu_dropout_bwd_kernel<T, true><<<grid_dim, kElementwiseThreads, 0, s>>>(gp, xp, wp, gip, pp, outer, C, inner, map, prm);
     } else {
-      prelu_dropout_bwd_kernel<T, false><<<grid_dim, kThreads, 0, s>>>(gp, xp, wp, gip, pp, outer, C, inner, map, prm);
+      prelu_dropout_bwd_kernel<T, false><<<grid_dim, kElementwiseThreads, 0, s>>>(gp, xp, wp, gip, pp, outer, C, inner, map, prm);
     }
   });
 }
