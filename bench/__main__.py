@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     allocs = list(harness.ALLOC_SETTINGS) if args.alloc == "both" else [args.alloc]
     failed = False
+    everything: list[dict] = []
     for family in args.only:
         t0 = time.perf_counter()
         merged = _run_family(family, args, allocs)
@@ -151,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         print(harness.table(merged["records"]))
         print(f"({time.perf_counter() - t0:.0f} s) wrote " + ", ".join(str(p) for p in paths))
         failed |= any("error" in r for r in merged["records"])
+        everything += merged["records"]
+    if len(args.only) > 1:  # the main job: one table over every family
+        paths = harness.write_summary(everything, merged["machine"], args.out)
+        print("\n== summary: dlkernels against torch eager, torch.compile, the roofline and the reference")
+        print(harness.summary_table(harness.summary_rows(everything)))
+        print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if failed else 0
 
 

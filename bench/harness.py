@@ -155,19 +155,50 @@ def with_compile(fns: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., 
 
 
 def forward_backward(fn: Callable[..., Any], args: Iterable[Any], grad: torch.Tensor,
-                     leaves: Iterable[torch.Tensor]) -> Callable[[], None]:
-    """Zero-argument callable: ``fn(*args).backward(grad)``.
+                     leaves: Iterable[torch.Tensor]) -> Callable[[], list[torch.Tensor | None]]:
+    """Zero-argument callable: ``fn(*args).backward(grad)``, returning the leaves' gradients
+    (for the error check against the reference; returning them costs nothing).
 
     The leaves' .grad are reset to None first, so backward writes fresh gradients instead of
     accumulating into old ones (which would add a read and a write per element).
     """
     args, leaves = tuple(args), tuple(leaves)
 
-    def call() -> None:
+    def call() -> list[torch.Tensor | None]:
         for t in leaves:
             t.grad = None
         fn(*args).backward(grad)
+        return [t.grad for t in leaves]
     return call
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def max_error(fn: Callable[[], Any]) -> float | None:
+    """Max abs difference between what ``fn`` returns on dlkernels' automatic backend and on the
+    plain-torch reference backend (the spec), the default generator seeded alike for both (so
+    dropout draws the same seed); None when ``fn`` returns no tensors (an optimizer step)."""
+    import dlkernels
+
+    outs = []
+    for backend in (None, "reference"):
+        torch.manual_seed(0)
+        if backend is None:
+            got = fn()
+        else:
+            with dlkernels.use_backend(backend):
+                got = fn()
+        outs.append([t.detach().clone() for t in _tensors(got)])
+    pairs = [(a, b) for a, b in zip(*outs, strict=True) if a.numel()]
+    if not pairs:
+        return None
+    return max((a.double() - b.double()).abs().max().item() for a, b in pairs)
 
 
 ROUNDS = 5  # contenders and probes are timed in turns: a slow drift of a shared machine hits all alike
@@ -197,6 +228,11 @@ def run_case(case: Case, timing: Timing, alloc: str, family: str,
             records[name]["first_call_s"] = time.perf_counter() - t0
         except Exception as e:
             records[name]["error"] = f"{type(e).__name__}: {e}"
+    if DLK in contenders and "error" not in records[DLK]:
+        try:
+            records[DLK]["max_error"] = max_error(contenders[DLK])
+        except Exception as e:  # a reference that cannot run this case: say so, keep timing
+            records[DLK]["max_error_note"] = f"{type(e).__name__}: {e}"[:200]
     turn = Timing(warmup=1, repeats=-(-timing.repeats // ROUNDS), min_time=timing.min_time / ROUNDS,
                   max_calls=max(1, timing.max_calls // ROUNDS))
     fns = {**probe_fns, **{k: f for k, f in contenders.items() if "error" not in records[k]}}
@@ -369,3 +405,79 @@ def table(records: list[dict[str, Any]]) -> str:
              for row in [head, *rows]]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- summary
+
+SUMMARY_HEAD = ["family", "case", "alloc", "simd", "dlkernels ms", "x eager", "x compile", "roofline", "max err"]
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per dlkernels record: its time, ratios to the peers, roofline, error vs the reference."""
+    rows = []
+    for r in records:
+        if r["contender"] != DLK:
+            continue
+        if "error" in r:
+            rows.append([r["family"], r["case"], r["alloc"], r.get("simd") or "-", "ERROR", "-", "-", "-", "-"])
+            continue
+        rows.append([r["family"], r["case"], r["alloc"], r.get("simd") or "-", _fmt(r["median_ms"], ".3f"),
+                     _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compile"), ".2f"),
+                     _fmt(r.get("roofline"), ".0%"), _fmt(r.get("max_error"), ".1e")])
+    return rows
+
+
+def summary_table(rows: list[list[str]], markdown: bool = False) -> str:
+    """The summary rows as aligned text, or as a Markdown table (for the README)."""
+    if markdown:
+        lines = ["| " + " | ".join(SUMMARY_HEAD) + " |", "|" + "---|" * len(SUMMARY_HEAD)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(x[i]) for x in [SUMMARY_HEAD, *rows]) for i in range(len(SUMMARY_HEAD))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [SUMMARY_HEAD, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_summary(records: list[dict[str, Any]], machine: dict[str, Any], out_dir: Path = RESULTS) -> list[Path]:
+    """summary.md (machine, date, table), summary.csv and summary.png over every family that ran."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(records)
+    md, csv_path, png = (out_dir / f"summary.{ext}" for ext in ("md", "csv", "png"))
+    stamp = time.strftime("%Y-%m-%d %H:%M %Z")
+    md.write_text(f"Measured {stamp} on {machine.get('cpu')} ({machine.get('torch_threads')} threads), torch "
+                  f"{machine.get('torch')}, git {machine.get('git_revision')}. x eager / x compile: torch's time "
+                  f"over dlkernels' (above 1: dlkernels is faster); roofline: the case's minimum traffic at the "
+                  f"bandwidth probed in the same run; max err: largest abs difference to the plain-torch "
+                  f"reference.\n\n{summary_table(rows, markdown=True)}\n")
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUMMARY_HEAD)
+        w.writerows(rows)
+    _summary_plot([r for r in records if r["contender"] == DLK and "error" not in r], png)
+    return [md, csv_path, png]
+
+
+def _summary_plot(records: list[dict[str, Any]], path: Path) -> None:
+    """dlkernels' speedup vs torch eager and vs torch.compile for every case (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['family']}: {r['case']} [{r['alloc']}, {r.get('simd')}]" for r in records]
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(records) + 1.6))
+    height = 0.8 / len(PEERS)
+    for i, (key, peer) in enumerate(PEERS.items()):
+        vals = [r.get(f"speedup_vs_{key}") or float("nan") for r in records]
+        ys = [j + (i - (len(PEERS) - 1) / 2) * height for j in range(len(records))]
+        ax.barh(ys, vals, height=height, label=f"vs {peer}")
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(records)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of dlkernels (peer time / dlkernels time), log scale")
+    ax.legend(fontsize=8)
+    ax.set_title("dlkernels: every benchmark case")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
