@@ -1,6 +1,9 @@
-"""Shared test helpers: which backends can run here, and the tolerance rule of DESIGN.md."""
+"""Shared test helpers: which backends can run here, the tolerance rule of DESIGN.md, and the
+inputs of the dropout tests (seeds, tensors in every memory layout)."""
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
@@ -52,3 +55,41 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def seed_of(*tag) -> int:
+    """A 64-bit seed as the signed int64 the kernels take, from a stable hash of tag."""
+    h = zlib.crc32(repr(tag).encode())
+    return ((h * 0x9E3779B97F4A7C15) % 2**64) - 2**63
+
+
+SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), seed_of("seeds")]
+
+
+def make_layout(shape, dtype, layout: str, tag="x") -> torch.Tensor:
+    """Random normal values of `shape` in `layout`: contiguous, channels_last(_3d), strided (not
+    dense: transposed and sliced), permuted (dense, an unusual 5-d dim order) or deep (dense, a
+    dim order that coalesces to more dims than the kernels' index map holds)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype), layout, tag)).encode()))
+    if layout == "strided":
+        # converted before slicing: .to() of a non-dense tensor returns a dense copy
+        big = torch.randn(tuple(reversed(shape[:-1])) + (2 * shape[-1],), generator=gen, dtype=torch.float64)
+        x = big.to(dtype)[..., ::2].permute(*reversed(range(len(shape) - 1)), len(shape) - 1)
+    elif layout == "permuted":
+        perm = (3, 0, 4, 2, 1)
+        inv = [perm.index(d) for d in range(5)]
+        x = torch.randn([shape[d] for d in perm], generator=gen, dtype=torch.float64).permute(*inv)
+    elif layout == "deep":
+        x = torch.randn(tuple(reversed(shape)), generator=gen, dtype=torch.float64).permute(
+            *reversed(range(len(shape)))
+        )
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        elif layout == "channels_last_3d":
+            x = x.to(memory_format=torch.channels_last_3d)
+    x = x.to(dtype)
+    assert x.shape == shape
+    assert (layout == "strided") == (x.stride() != torch.empty_like(x).stride())  # not dense, or dense
+    return x

@@ -14,7 +14,8 @@ import zlib
 
 import pytest
 import torch
-from conftest import DTYPES, backend_params
+from conftest import DTYPES, SEEDS, backend_params, seed_of
+from conftest import make_layout as make
 
 import dlkernels.reference.dropout as R
 
@@ -32,15 +33,6 @@ KAT = [
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]  # fmt: skip
-
-
-def seed_of(*tag) -> int:
-    """A 64-bit seed (as a signed int, as callers may pass it) from a stable hash of tag."""
-    h = zlib.crc32(repr(tag).encode())
-    return ((h * 0x9E3779B97F4A7C15) % 2**64) - 2**63
-
-
-SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), seed_of("seeds")]
 
 
 def triton_module():
@@ -66,31 +58,6 @@ def word_py(i: int, seed: int) -> int:
     s = seed % 2**64
     q = i // 4
     return philox_py((q & M32, q >> 32, 0, 0), (s & M32, s >> 32))[i % 4]
-
-
-def make(shape, dtype, layout: str, tag="x") -> torch.Tensor:
-    """Random values of `shape` in `layout`: contiguous, channels_last(_3d), strided (transposed
-    and sliced, not dense) or permuted (dense, a memory order the kernels' index map cannot
-    coalesce to 4 dims)."""
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, layout, tag)).encode()))
-    if layout == "strided":
-        big = torch.randn(tuple(reversed(shape[:-1])) + (2 * shape[-1],), generator=gen, dtype=torch.float64)
-        # converted before slicing: .to() of a non-dense view returns a dense copy
-        x = big.to(dtype)[..., ::2].permute(*reversed(range(len(shape) - 1)), len(shape) - 1)
-        assert x.shape == shape and not x.is_contiguous()
-        return x
-    elif layout == "permuted":
-        perm = (3, 0, 4, 2, 1)
-        inv = [perm.index(d) for d in range(5)]
-        x = torch.randn([shape[d] for d in perm], generator=gen, dtype=torch.float64).permute(*inv)
-    else:
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-        elif layout == "channels_last_3d":
-            x = x.to(memory_format=torch.channels_last_3d)
-    assert x.shape == shape
-    return x.to(dtype)
 
 
 def assert_same(ours: torch.Tensor, ref: torch.Tensor, layout_of: torch.Tensor | None = None) -> None:
