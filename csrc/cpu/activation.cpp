@@ -11,6 +11,7 @@
 #include "../common/activation.h"
 #include "../prep.h"
 #include "loadstore.h"
+#include "output.h"
 
 namespace dlk::cpu {
 namespace {
@@ -239,7 +240,7 @@ at::Tensor leaky_relu(const at::Tensor& x, double slope) {
   check_cpu(x, "input");
   check_float_dtype(x, "input");
   const at::Tensor xd = dense(x);
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "leaky_relu", [&] {
     leaky_fwd_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), xd.numel(), slope);
   });
@@ -265,7 +266,7 @@ at::Tensor leaky_relu_backward(const at::Tensor& grad, const at::Tensor& x, doub
               "leaky_relu_backward: grad_output must match input in shape and dtype");
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "leaky_relu_bwd", [&] {
     leaky_bwd_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(),
                    gi.mutable_data_ptr<scalar_t>(), xd.numel(), slope);
@@ -278,7 +279,7 @@ at::Tensor prelu(const at::Tensor& x, const at::Tensor& weight) {
   check_prelu_args(x, weight);
   const at::Tensor xd = dense(x);
   const at::Tensor w = weight.contiguous();
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   const ChannelView v = channel_view(xd, w.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prelu", [&] {
     if (xd.numel() == 0) return;
@@ -298,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward(const at::Tensor& grad, const 
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
   const at::Tensor w = weight.contiguous();
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   const ChannelView v = channel_view(xd, w.numel());
   at::Tensor gw = at::zeros({v.channels}, weight.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prelu_bwd", [&] {

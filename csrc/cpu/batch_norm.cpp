@@ -14,6 +14,7 @@
 #include "../prep.h"
 #include "batch_norm_impl.h"
 #include "loadstore.h"
+#include "output.h"
 
 namespace dlk::cpu {
 namespace {
@@ -140,7 +141,7 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, c
   check_cpu(x, "input");
   check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor xd = dense(x);
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   DLK_DISPATCH_BN(x, "batch_norm_act_forward", [&] {
     if (xd.numel() == 0) return;
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
   check_batch_norm_params(x, w, b, prelu_w, act);
   const at::Tensor xd = dense(x);
   const int64_t channels = xd.size(1);
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   const auto opts = xd.options().dtype(acc_type(x));
   at::Tensor mean = at::empty({channels}, opts), var = at::empty({channels}, opts), invstd = at::empty({channels}, opts);
   const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
@@ -200,7 +201,7 @@ at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tenso
   check_channel_tensor(sum_dz, x, "sum_dz");
   check_channel_tensor(sum_dz_xhat, x, "sum_dz_xhat");
   TORCH_CHECK(count > 0, "dlkernels batch_norm backward: count must be positive, got ", count);
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   const std::vector<double> s0 = doubles(sum_dz), s1 = doubles(sum_dz_xhat);
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd), s0.data(),
                             s1.data(), double(count));
@@ -219,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
     int64_t act, double slope, bool training) {
   const BackwardInputs in = backward_inputs(grad, x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor &xd = in.x, &gd = in.grad;
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   at::Tensor sums = at::zeros({3, xd.size(1)}, xd.options().dtype(at::kDouble));
   const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
   DLK_DISPATCH_BN(x, "batch_norm_act_backward", [&] {

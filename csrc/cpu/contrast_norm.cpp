@@ -23,6 +23,7 @@
 #include "../common/moments.h"
 #include "loadstore.h"
 #include "simd.h"
+#include "output.h"
 
 namespace dlk::cpu {
 namespace {
@@ -301,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> global_contrast_norm(const at::Tensor& x, dou
   const at::Tensor xd = gcn::prepare(x);
   const Params p{xd.size(0), xd.size(0) ? xd.numel() / xd.size(0) : 0, gcn::style_code(style), scale, lam, eps,
                  subtract_mean};
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   at::Tensor stats = at::zeros({p.n, 4}, x.options().dtype(acc_of(x)));
   if (p.n == 0 || p.m == 0) return {y, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_contrast_norm", [&] {
@@ -320,7 +321,7 @@ at::Tensor global_contrast_norm_backward(const at::Tensor& grad, const at::Tenso
   const at::Tensor gd = gcn::like(grad, xd);
   const at::Tensor st = stats.contiguous();
   const Params p{xd.size(0), xd.size(0) ? xd.numel() / xd.size(0) : 0, kGcnBook, 1.0, 0.0, 0.0, subtract_mean};
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   if (p.n == 0 || p.m == 0) return gi;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_contrast_norm_backward", [&] {
     backward_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(),

@@ -36,6 +36,7 @@
 #include "../prep.h"
 #include "loadstore.h"
 #include "simd.h"
+#include "output.h"
 
 namespace dlk::cpu {
 namespace {
@@ -761,7 +762,7 @@ at::Tensor dropout(const at::Tensor& x, double p, int64_t seed, bool per_channel
   check_dropout_p(p);
   check_per_channel(x, per_channel);
   const at::Tensor xd = dense(x);
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   if (xd.numel() == 0) return y;
   const Stream st = make_stream(xd, seed, per_channel);
   if (st.too_deep()) return in_layout_of(dlk::cpu::dropout(xd.contiguous(), p, seed, per_channel), xd);
@@ -777,7 +778,7 @@ at::Tensor leaky_relu_dropout(const at::Tensor& x, double negative_slope, double
   check_float_dtype(x, "x");
   check_dropout_p(p);
   const at::Tensor xd = dense(x);
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   if (xd.numel() == 0) return y;
   const Stream st = make_stream(xd, seed, false);
   if (st.too_deep()) return in_layout_of(leaky_relu_dropout(xd.contiguous(), negative_slope, p, seed), xd);
@@ -797,7 +798,7 @@ at::Tensor leaky_relu_dropout_backward(const at::Tensor& grad, const at::Tensor&
   check_dropout_p(p);
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   if (xd.numel() == 0) return gi;
   const Stream st = make_stream(xd, seed, false);
   if (st.too_deep())
@@ -815,7 +816,7 @@ at::Tensor prelu_dropout(const at::Tensor& x, const at::Tensor& weight, double p
   check_dropout_p(p);
   const at::Tensor xd = dense(x);
   const at::Tensor w = weight.contiguous();
-  at::Tensor y = at::empty_like(xd);
+  at::Tensor y = new_output(xd);
   if (xd.numel() == 0) return y;
   const Stream st = make_stream(xd, seed, false);
   if (st.too_deep()) return in_layout_of(prelu_dropout(xd.contiguous(), weight, p, seed), xd);
@@ -837,7 +838,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_dropout_backward(const at::Tensor& grad
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
   const at::Tensor w = weight.contiguous();
-  at::Tensor gi = at::empty_like(xd);
+  at::Tensor gi = new_output(xd);
   const ChannelView v = channel_view(xd, w.numel());
   at::Tensor gw = at::zeros({v.channels}, weight.options().dtype(at::kDouble));
   if (xd.numel() > 0) {
