@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -217,19 +218,30 @@ class _Tracer(fx.Tracer):
                 or type(m).__module__.startswith("dlkernels.") or isinstance(m, torch.jit.ScriptModule))
 
 
-def _trace_both_modes(root: Module, all_leaves: bool) -> list[fx.Graph]:
-    """The graphs of ``root``'s forward in eval and in training mode (one if they are the same code).
-    Training flags are set directly (a module's own train() may do more) and restored."""
+def _optional_args(module: Module) -> dict[str, Any] | None:
+    """The forward's parameters with defaults, and their defaults; None for ``*args`` / ``**kwargs``."""
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def _trace_variants(root: Module, all_leaves: bool) -> list[fx.Graph]:
+    """The distinct graphs of ``root``'s forward in eval and in training mode, and, where it has optional
+    arguments, with them left out as well as given (fx traces them as given: ``if mask is None`` would
+    only be seen one way). Training flags are set directly (a module's own train() may do more) and restored."""
     if "forward" in root.__dict__:
         raise RuntimeError("its forward is set on the instance (fx traces the class's forward)")
+    defaults = _optional_args(root)
     flags = [(m, m.training) for m in root.modules()]
     graphs: dict[str, fx.Graph] = {}
     try:
         for mode in (False, True):
             for m, _ in flags:
                 m.training = mode
-            graph = _Tracer(all_leaves).trace(root)
-            graphs.setdefault(graph.python_code("self").src, graph)
+            for concrete in (None, defaults or None):
+                graph = _Tracer(all_leaves).trace(root, concrete_args=concrete)
+                graphs.setdefault(graph.python_code("self").src, graph)
     finally:
         for m, training in flags:
             m.training = training
@@ -289,6 +301,7 @@ class _Chain:
     act_text: str
     placeholder: bool  # the activation module is replaced at its path(s); else its calls leave the forwards
     dropouts: dict[str, Module]
+    rewritten: tuple[str, ...] = ()  # the modules whose forward no longer makes the activation call
 
 
 @dataclasses.dataclass
@@ -419,8 +432,9 @@ def _plan_traced(root: Module, graphs: list[fx.Graph], plan: _Plan, candidates: 
         s, path = ss[0], candidates[bn_id]
         placeholder = s.act_module is not None and id(s.act_module) in only_chain
         dropouts = {x.dropout[0]: x.dropout[1] for x in ss if x.dropout is not None}
+        rewritten = tuple(sorted({x.parent or "the model" for x in ss} if not placeholder else ()))
         plan.chains.append(_Chain(s.bn, path, _twins.CHAINS[type(s.bn)], s.activation, s.negative_slope,
-                                  s.act_module, s.act_text(), placeholder, dropouts))
+                                  s.act_module, s.act_text(), placeholder, dropouts, rewritten))
         if placeholder and id(s.act_module) not in plan.placeholders:
             plan.placeholders[id(s.act_module)] = _Placeholder(s.act_module, _registrations(root, s.act_module), path)
 
@@ -433,7 +447,10 @@ def _rewrite_parent(root: Module, parent: str, need: list[_Site], sites: dict[in
     where = f"the forward of {parent or 'the model'} ({type(owner).__name__})"
     if parent not in traced_alone:
         try:
-            traced_alone[parent] = _trace_both_modes(owner, all_leaves=True)
+            if _optional_args(owner) != {}:  # a regenerated forward would keep one path, and lose keyword-only
+                traced_alone[parent] = f"{where} takes optional or variable arguments"
+            else:
+                traced_alone[parent] = _trace_variants(owner, all_leaves=True)
         except Exception as e:  # noqa: BLE001  (whatever fx raises: this chain is not fused)
             traced_alone[parent] = f"{where} does not trace alone ({_short(e)})"
     got = traced_alone[parent]
@@ -466,7 +483,9 @@ def _rewrite_parent(root: Module, parent: str, need: list[_Site], sites: dict[in
             read = reader(act.args, act.kwargs) if reader is not None else "-"
             if all(s.act_module is not None or (s.activation, s.negative_slope) != read for s in ss):
                 return f"{where}, traced alone, calls {_describe(act)} after {node.target}"
-        dropped.append(f"{_describe(act)} after {node.target}")
+        prefix = f"{parent}." if parent else ""
+        what = f"{prefix}{act.target}" if act.op == "call_module" else _describe(act)
+        dropped.append(f"{what} after {prefix}{node.target}")
         act.replace_all_uses_with(node)
         graph.erase_node(act)
     if not dropped:
@@ -545,7 +564,7 @@ def _make_plan(root: Module) -> _Plan:
             if base is not None and not isinstance(m, tuple(dlk_classes)):
                 plan.notes[path] = f"a subclass of {_name(base)}: its own code may differ from the twin's"
     try:
-        graphs = _trace_both_modes(root, all_leaves=False)
+        graphs = _trace_variants(root, all_leaves=False)
     except Exception as e:  # noqa: BLE001  (whatever fx raises: fall back to plain module swaps)
         plan.not_traced = _short(e)
         _plan_sequential(root, plan, candidates)
@@ -613,7 +632,8 @@ def _apply(plan: _Plan, undo: Undo) -> list[tuple[str, str, str]]:
         _adopt(chain, owner, undo)
         act = repr(chain.activation) + (f", negative_slope={chain.negative_slope}"
                                         if chain.activation == "leaky_relu" else "")
-        how = "its module replaced" if chain.placeholder else "its call removed from the forward"
+        how = ("its module replaced" if chain.placeholder
+               else f"the call removed from the forward of {', '.join(chain.rewritten)}")
         lines.append(("replaced", chain.path, f"{old} -> {_name(chain.fused_cls)}(activation={act}), fused with "
                                               f"{chain.act_text} ({how})"))
         for path in chain.dropouts:
