@@ -479,8 +479,9 @@ def _rewrite_parent(root: Module, parent: str, need: list[_Site], sites: dict[in
             if id(act_module) in only_chain:
                 continue  # its FusedActivation passes the input through
         else:
-            reader = _twins.CHAIN_ACT_CALLS.get(act.target) if act.op != "call_module" else None  # type: ignore
-            read = reader(act.args, act.kwargs) if reader is not None else "-"
+            reader = _twins.CHAIN_ACT_CALLS.get(act.target)  # type: ignore[arg-type]
+            ok = reader is not None and act.op in ("call_function", "call_method")
+            read = reader(act.args, act.kwargs) if ok else "-"
             if all(s.act_module is not None or (s.activation, s.negative_slope) != read for s in ss):
                 return f"{where}, traced alone, calls {_describe(act)} after {node.target}"
         prefix = f"{parent}." if parent else ""
@@ -546,12 +547,13 @@ def _make_plan(root: Module) -> _Plan:
         cls = type(m)
         if cls in dlk_classes:
             plan.notes[path] = f"already {_name(cls)}"
-        elif cls in _twins.TWINS:
+        elif cls in _twins.TWINS or cls in _twins.CHAINS:
             why = _dtype_problem(m)
             if why is not None:
                 plan.notes[path] = f"unsupported: {why}"
                 continue
-            plan.swaps.append((path, m, _twins.TWINS[cls]))
+            if cls in _twins.TWINS:
+                plan.swaps.append((path, m, _twins.TWINS[cls]))
             if cls in _twins.CHAINS:
                 if _has_hooks(m):
                     plan.notes[path] = "not fused with an activation: it has hooks (they would see another tensor)"

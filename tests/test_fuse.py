@@ -441,11 +441,14 @@ def test_deepcopy_and_pickle() -> None:
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_bad_input() -> None:
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dlkernels.fuse(3)
     with pytest.raises(TypeError, match="TorchScript"):
         dlkernels.fuse(torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
+    with pytest.raises(TypeError, match="before torch.compile"):
+        dlkernels.fuse(torch.compile(nn.Sequential(nn.BatchNorm1d(2), nn.ReLU())))  # not compiled until called
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dlkernels.unfuse("model")
     fused = dlkernels.fuse(Reused())
@@ -516,6 +519,14 @@ def test_verbose_says_what_was_left(capsys: pytest.CaptureFixture[str]) -> None:
     x = randn("runtime slope x", 2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x))
+    # options dlkernels does not take, or a chain it cannot fuse
+    odd = nn.Sequential(nn.BatchNorm1d(3, dtype=torch.complex64), nn.BatchNorm2d(3), nn.PReLU(2))
+    fused = dlkernels.fuse(odd, verbose=True)
+    out = capsys.readouterr().out
+    assert "left     0: unsupported: weight is torch.complex64" in out
+    assert "replaced 1: BatchNorm2d -> dlkernels.nn.BatchNorm2d (not fused with an activation: 2 has 2 slopes " \
+        "for 3 channels)" in out
+    assert type(fused[0]) is nn.BatchNorm1d and type(fused[2]) is dnn.PReLU
 
 
 # ---------------------------------------------------------------------------------------------- unfuse, compile
