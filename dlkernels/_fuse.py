@@ -721,7 +721,9 @@ def unfuse(model: Module, *, inplace: bool = False) -> Module:
     for _, m in list(_walk(target)):
         for name, child in list(m._modules.items()):
             if isinstance(child, FusedActivation):
-                m._modules[name] = originals.setdefault(id(child), child.restore())
+                if id(child) not in originals:  # registered at several paths: one original
+                    originals[id(child)] = child.restore()
+                m._modules[name] = originals[id(child)]
     reverse = {dlk: torch_cls for torch_cls, dlk in _twins.TWINS.items()}
     for _, m in list(_walk(target)):
         if isinstance(m.__dict__.get("forward"), RewrittenForward):
