@@ -280,6 +280,7 @@ def checkpoint_round_trips(rank: int, tmp: Path) -> None:
     (fused) and back, each run continuing as the uninterrupted one."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
@@ -324,6 +325,20 @@ def checkpoint_round_trips(rank: int, tmp: Path) -> None:
     set_model_state_dict(b, get_model_state_dict(a))
     set_optimizer_state_dict(b, opt_b, osd_a)
     assert all(torch.equal(x, y) for x, y in zip(_local_snapshot(a, opt_a), _local_snapshot(b, opt_b), strict=True))
+    # the same through full (unsharded) state dicts, as for an export
+    full = StateDictOptions(full_state_dict=True)
+    e = _fsdp(_mlp(5))
+    opt_e = FusedAdam(e.parameters(), **kw, max_grad_norm=MAX_NORM)
+    set_model_state_dict(e, get_model_state_dict(a, options=full), options=full)
+    set_optimizer_state_dict(e, opt_e, get_optimizer_state_dict(a, opt_a, options=full), options=full)
+    assert all(torch.equal(x, y) for x, y in zip(_local_snapshot(a, opt_a), _local_snapshot(e, opt_e), strict=True))
+    # load_state_dict of plain full tensors (e.g. a single-process checkpoint): each rank keeps its piece
+    plain = opt_a.state_dict()
+    plain["state"] = {i: {k: _full(v).clone() for k, v in st.items()} for i, st in plain["state"].items()}
+    opt_e2 = FusedAdam(e.parameters(), **kw, max_grad_norm=MAX_NORM)
+    opt_e2.load_state_dict(plain)
+    assert _state_layout(opt_e2, e) == _state_layout(opt_a, a)
+    assert all(torch.equal(x, y) for x, y in zip(_local_snapshot(a, opt_a), _local_snapshot(e, opt_e2), strict=True))
     # dcp: FusedAdam's checkpoint into torch.optim.Adam
     c = _fsdp(_mlp(6))
     opt_c = torch.optim.Adam(c.parameters(), **kw, fused=True)
