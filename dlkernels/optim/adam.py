@@ -30,6 +30,12 @@ _COMMON_DOC = r"""
     the coefficient is applied inside the update. ``self.grad_norm`` holds ``total_norm`` (a 0-d
     tensor on the device, after value clipping and unscaling, before norm clipping).
 
+    DTensor parameters (FSDP2 ``fully_shard``, or any DeviceMesh with Shard/Replicate placements):
+    each rank updates its local shards; the norm spans all shards on all ranks (one all-reduce per
+    step, on the device), so ``grad_norm``, the clipping and a skip on a non-finite value anywhere
+    are the same on every rank. State is DTensors laid out as the parameters (torch's keys). All
+    parameters must be DTensors on one DeviceMesh, or all plain tensors (ValueError otherwise).
+
     Arguments (those of torch.optim.Adam, with the same defaults, checks and messages):
         params: iterable of parameters or of dicts defining parameter groups.
         lr (float or 1-element Tensor): learning rate (a CUDA tensor is read once per step).
@@ -70,8 +76,8 @@ class _AdamBase(_FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = self._new_state(p)
 
-    def _fused_step(self, group, params, grads, grad_scale, coef, skip) -> None:
-        st = [self.state[p] for p in params]
+    def _fused_step(self, group, params, states, grads, grad_scale, coef, skip) -> None:
+        st = states
         beta1, beta2 = group["betas"]
         ops.adam_step_(
             params, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],

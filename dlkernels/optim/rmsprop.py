@@ -65,8 +65,8 @@ class FusedRMSprop(_FusedOptimizer, torch.optim.RMSprop):
         if group["centered"]:
             state["grad_avg"] = self._new_state(p)
 
-    def _fused_step(self, group, params, grads, grad_scale, coef, skip) -> None:
-        st = [self.state[p] for p in params]
+    def _fused_step(self, group, params, states, grads, grad_scale, coef, skip) -> None:
+        st = states
         momentum, centered = float(group["momentum"]), bool(group["centered"])
         ops.rmsprop_step_(
             params, [s["square_avg"] for s in st], [s["grad_avg"] for s in st] if centered else [],
