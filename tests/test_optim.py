@@ -6,6 +6,7 @@ bad input and opcheck of the custom ops."""
 from __future__ import annotations
 
 import copy
+import zlib
 
 import pytest
 import torch
@@ -442,3 +443,21 @@ def test_cuda_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     assert {arch for _, arch, _ in kernels} == {"sm_80", "sm_90"}
     assert spills and all(s == ("0", "0") for s in spills), out.stderr
     print("\n" + "\n".join(f"  {arch} {regs:>3s} regs  {name[:90]}" for name, arch, regs in kernels))
+
+
+@pytest.mark.parametrize("cls", ["FusedAdam", "FusedAdamW", "FusedRMSprop"])
+def test_deepcopy_and_pickle_keep_the_fused_settings(cls):
+    import pickle
+
+    torch.manual_seed(zlib.crc32(cls.encode()))
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = getattr(dlkernels.optim, cls)([p], lr=0.1, max_grad_norm=0.5, clip_value=2.0, on_nonfinite="error")
+    p.grad = torch.randn(5)
+    opt.step()
+    want = opt.grad_norm.clone()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (other.max_grad_norm, other.clip_value, other.on_nonfinite) == (0.5, 2.0, "error")
+        q = other.param_groups[0]["params"][0]
+        q.grad = p.grad.clone()
+        other.step()  # runs: the settings survived
+        assert torch.equal(other.grad_norm, want)  # the same kernel on the same gradient

@@ -169,6 +169,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.grad_norm: Tensor | None = None
 
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: without these the
+    # settings would be lost by copy.deepcopy and pickle, and step() would fail.
+    _SETTINGS = ("max_grad_norm", "norm_type", "clip_value", "on_nonfinite", "state_dtype", "grad_norm")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._SETTINGS if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._mesh = self._check_layout()  # a DeviceMesh is not pickled: found again from the parameters
+
     # ---- state ----
 
     def _state_dtype_for(self, p: Tensor) -> torch.dtype:
