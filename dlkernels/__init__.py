@@ -3,6 +3,7 @@ modules and functions, each checked against a plain-torch reference.
 
     import dlkernels
     act = dlkernels.nn.PReLU(64)              # drop-in for torch.nn.PReLU
+    fused = dlkernels.fuse(model)             # dlkernels modules, BatchNorm -> activation fused
     with dlkernels.use_backend("reference"):  # or DLK_BACKEND=cpu|cuda|triton|reference
         ...
 """
@@ -10,6 +11,7 @@ modules and functions, each checked against a plain-torch reference.
 # `ops` registers the torch.ops.dlkernels namespace.
 from dlkernels import _backend, cpu, functional, nn, ops, optim
 from dlkernels._backend import BACKENDS, BackendUnavailableError, use_backend
+from dlkernels._fuse import fuse, unfuse
 
 __version__ = "0.1.0"
 
@@ -25,8 +27,10 @@ __all__ = [
     "available_backends",
     "cpu",
     "functional",
+    "fuse",
     "nn",
     "ops",
     "optim",
+    "unfuse",
     "use_backend",
 ]

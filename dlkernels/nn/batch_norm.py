@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dlkernels.nn._twins import register_chain, register_twin
 from dlkernels.ops import batch_norm as _ops
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
@@ -111,6 +112,10 @@ class SyncBatchNorm(_FusedForward, torch.nn.SyncBatchNorm):
 
 
 class _BatchNormAct(_FusedForward, torch.nn.modules.batchnorm._BatchNorm):
+    # A module elsewhere in the model whose ``weight`` is the PReLU slope (set by ``adopt``, not registered
+    # here, so the weight keeps its own state_dict key and appears once in parameters()).
+    _prelu_owner: torch.nn.Module | None = None
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, activation: str | None = "leaky_relu",
                  negative_slope: float = 0.01, prelu_parameters: int = 1, prelu_init: float = 0.25,
@@ -130,12 +135,49 @@ class _BatchNormAct(_FusedForward, torch.nn.modules.batchnorm._BatchNorm):
         else:
             self.register_parameter("prelu_weight", None)
 
+    def _prelu_weight(self) -> Tensor | None:
+        return self.prelu_weight if self._prelu_owner is None else self._prelu_owner.weight
+
+    # Instance attributes ``adopt`` adds to a torch BatchNorm (``__init__``'s, less the registered prelu_weight).
+    _ADOPTED = ("activation", "negative_slope", "dropout", "sync", "process_group", "_prelu_owner", "_adopted_from")
+
+    @classmethod
+    def adopt(cls, bn: torch.nn.modules.batchnorm._BatchNorm, activation: str | None,
+              negative_slope: float = 0.01, prelu_owner: torch.nn.Module | None = None) -> None:
+        """Turn the torch BatchNorm module ``bn`` into this class in place (dlkernels.fuse): same object,
+        parameters, buffers, hooks and state_dict keys. For ``activation="prelu"`` the slopes are
+        ``prelu_owner.weight``, read at every call and not registered here. ``release`` undoes it."""
+        if activation not in _ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(_ops.ACTIVATIONS)}, got {activation!r}")
+        if (activation == "prelu") != (prelu_owner is not None):
+            raise ValueError("prelu_owner is needed with activation='prelu', and only then")
+        if any(name in bn.__dict__ for name in cls._ADOPTED) or "prelu_weight" in bn._parameters:
+            raise ValueError(f"{type(bn).__name__} already has BatchNormAct's attributes")
+        adopted_from = type(bn)
+        bn.__class__ = cls  # first: a layout mismatch raises TypeError before anything changed
+        bn.__dict__.update(activation=activation, negative_slope=float(negative_slope), dropout=0.0, sync=False,
+                           process_group=None, _prelu_owner=prelu_owner, _adopted_from=adopted_from)
+        bn._parameters["prelu_weight"] = None
+
+    def release(self) -> torch.nn.modules.batchnorm._BatchNorm:
+        """Undo ``adopt``: back to the torch BatchNorm it was, same object and state."""
+        cls = self.__dict__.get("_adopted_from")
+        if cls is None:
+            raise ValueError("release() undoes adopt(); this module was built as a BatchNormAct")
+        for name in self._ADOPTED:
+            del self.__dict__[name]
+        del self._parameters["prelu_weight"]
+        self.__class__ = cls
+        return self
+
     def extra_repr(self) -> str:
         act = f"activation={self.activation!r}"
         if self.activation == "leaky_relu":
             act += f", negative_slope={self.negative_slope}"
         if self.activation == "prelu":
-            act += f", prelu_parameters={self.prelu_weight.numel()}"
+            act += f", prelu_parameters={self._prelu_weight().numel()}"
+            if self._prelu_owner is not None:
+                act += " (weight shared with a PReLU)"
         return f"{super().extra_repr()}, {act}" + (", sync=True" if self.sync else "")
 
 
@@ -155,3 +197,12 @@ class BatchNormAct3d(_BatchNormAct):
     """BatchNorm3d + activation, fused."""
 
     _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+
+
+for _torch_cls, _twin in ((torch.nn.BatchNorm1d, BatchNorm1d), (torch.nn.BatchNorm2d, BatchNorm2d),
+                          (torch.nn.BatchNorm3d, BatchNorm3d), (torch.nn.SyncBatchNorm, SyncBatchNorm)):
+    register_twin(_torch_cls, _twin)
+for _torch_cls, _fused in ((torch.nn.BatchNorm1d, BatchNormAct1d), (torch.nn.BatchNorm2d, BatchNormAct2d),
+                           (torch.nn.BatchNorm3d, BatchNormAct3d)):
+    register_chain(_torch_cls, _fused)
+del _torch_cls, _twin, _fused

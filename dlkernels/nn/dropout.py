@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dlkernels import functional as F
+from dlkernels.nn._twins import register_chain_dropout, register_twin
 
 __all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "LeakyReLUDropout", "PReLUDropout"]
 
@@ -75,3 +76,10 @@ class PReLUDropout(torch.nn.PReLU):
 
     def extra_repr(self) -> str:
         return f"num_parameters={self.num_parameters}, p={self.p}"
+
+
+for _torch_cls, _twin in ((torch.nn.Dropout, Dropout), (torch.nn.Dropout1d, Dropout1d), (torch.nn.Dropout2d, Dropout2d),
+                          (torch.nn.Dropout3d, Dropout3d)):
+    register_twin(_torch_cls, _twin)
+del _torch_cls, _twin
+register_chain_dropout(torch.nn.Dropout)  # elementwise: what a BatchNormAct(dropout=p) would apply
