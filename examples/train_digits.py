@@ -17,6 +17,9 @@ Both start from the same initial weights and see the batches in the same order; 
 masks differ (dlkernels draws them with its own generator), so the curves differ within noise.
 Prints a line per epoch (loss, test accuracy, seconds), a summary, and writes a PNG of both
 learning curves. ``--smoke``: one epoch of a few batches (the test suite's run).
+
+Steps this small are short OpenMP regions: on a machine busy with other work, the OpenMP default
+(idle threads spin) can make both runs several times slower than ``OMP_WAIT_POLICY=PASSIVE``.
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ def train(name: str, model: nn.Module, step_opt: Callable[[nn.Module], Callable[
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     model.train()
-    with tqdm(total=epochs * n_batches, desc=f"{name:>9}", unit="batch", leave=False) as bar:
+    # disable=None: the bar on a terminal only, not in logs
+    with tqdm(total=epochs * n_batches, desc=f"{name:>9}", unit="batch", leave=False, disable=None) as bar:
         for epoch in range(1, epochs + 1):
             perm = torch.randperm(len(y_train), generator=order)
             total, seen = 0.0, 0
@@ -197,17 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     plot(histories, args.out)
 
     n_test = len(data[3])
-    print(f"\nsummary after {epochs} epoch(s) ({n_test} test images; one image is {1 / n_test:.2%}):")
+    last = min(5, epochs)
+    print(f"\nsummary after {epochs} epoch(s) ({n_test} test images: one image is {100 / n_test:.2f} points; "
+          f"the spread over the last {last} epochs shows the noise):")
     for h in histories:
         # the first epoch includes one-time costs (lazy state, allocator warm-up): left out when there are more
         secs = h.seconds[1:] or h.seconds
         which = f"epochs 2-{len(h.seconds)}" if len(h.seconds) > 1 else "one epoch"
-        print(f"  {h.name:>9}: test accuracy {h.accuracy[-1]:.2%}  {statistics.mean(secs):.3f} s/epoch ({which})")
-    a = histories[0].accuracy[-1]
-    noise = math.sqrt(max(a * (1 - a), 1 / n_test) / n_test)  # binomial standard error of one accuracy
-    diff = histories[1].accuracy[-1] - histories[0].accuracy[-1]
-    print(f"  difference (dlkernels - torch): {diff * 100:+.2f} points; one run's binomial standard error "
-          f"is about {noise * 100:.2f} points")
+        tail = [100 * a for a in h.accuracy[-last:]]
+        spread = statistics.stdev(tail) if len(tail) > 1 else 0.0
+        print(f"  {h.name:>9}: test accuracy {h.accuracy[-1]:.2%} (last {last} epochs: {statistics.mean(tail):.2f}% "
+              f"+- {spread:.2f})  {statistics.mean(secs):.3f} s/epoch mean, {statistics.median(secs):.3f} median "
+              f"({which})")
     print(f"wrote {args.out}")
     return 0
 
