@@ -1,10 +1,14 @@
 """``python -m bench [--quick] [--only FAMILY[,FAMILY]] [--alloc both|default|reuse] [--no-compile]
-[--cpu-capability auto|LEVEL[,LEVEL]]``
+[--cpu-capability auto|LEVEL[,LEVEL]] [--omp-wait auto|both|default|passive]``
 
-Runs every ``bench/bench_<family>.py``. Each allocator setting and each CPU SIMD level runs in its
-own subprocess (both are process-wide: the allocator setting cannot be fully undone, and the
-extension reads DLK_CPU_CAPABILITY when it loads), then the results are merged into
+Runs every ``bench/bench_<family>.py``. Each allocator setting, each CPU SIMD level and each
+OpenMP wait policy runs in its own subprocess (all are process-wide: the allocator setting cannot
+be fully undone, the extension reads DLK_CPU_CAPABILITY when it loads, the OpenMP runtime reads
+OMP_WAIT_POLICY when torch loads), then the results are merged into
 ``bench/results/<family>.{json,csv,png}`` and printed as a table.
+
+``auto`` (``--cpu-capability``, ``--omp-wait``) is the family's choice where its module sets
+``CPU_CAPABILITY_AUTO = "native"`` or ``OMP_WAIT_AUTO``, else the defaults below.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-capability", default="auto",
                    help="CPU SIMD levels to run (default, avx2, avx512; comma-separated): 'auto' is the CPU's best "
                         "level, plus avx2 when that is avx512")
+    p.add_argument("--omp-wait", choices=["auto", "both", "default", "passive"], default="auto",
+                   help="OMP_WAIT_POLICY of the workers: 'default' leaves it unset (the OpenMP runtime's "
+                        "default), 'passive' sets PASSIVE (idle threads sleep instead of spinning); 'auto': "
+                        "the family's OMP_WAIT_AUTO (models: both), else default")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one family, one setting
@@ -44,9 +52,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(FAMILIES)
     if unknown:
         p.error(f"unknown families {sorted(unknown)}; have {FAMILIES}")
+    args.cpu_capability_auto = args.cpu_capability == "auto"
     args.cpu_capability = _levels(args.cpu_capability, p)
-    if args.worker and (args.alloc == "both" or args.worker_out is None):
-        p.error("--worker needs one --alloc setting and --worker-out")
+    if args.worker and (args.alloc == "both" or args.omp_wait in ("auto", "both") or args.worker_out is None):
+        p.error("--worker needs one --alloc setting, one --omp-wait setting and --worker-out")
     return args
 
 
@@ -95,36 +104,67 @@ def _worker(args: argparse.Namespace) -> None:
     machine = harness.machine_info(args.device)
     for r in records:
         r["simd"] = machine["dlkernels_simd"]
+        r["omp_wait"] = args.omp_wait
     out = {"machine": machine, "records": records,
            "allocator": {"setting": args.alloc, "label": harness.ALLOC_LABELS[args.alloc],
                          "large_allocations_reused": reused}}
     args.worker_out.write_text(json.dumps(out, default=str))
 
 
+def _family_auto(family: str, name: str) -> object:
+    """A family module's ``name`` (e.g. OMP_WAIT_AUTO), read without importing the module (which
+    may import torch and the package)."""
+    import ast
+
+    tree = ast.parse((HERE / f"bench_{family}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
+
+
+def _settings(family: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The SIMD levels and OpenMP wait policies to run ``family`` under."""
+    levels = args.cpu_capability
+    if args.cpu_capability_auto and _family_auto(family, "CPU_CAPABILITY_AUTO") == "native":
+        levels = levels[:1]  # 'auto' lists the CPU's best level first
+    if args.omp_wait == "auto":
+        omp = list(_family_auto(family, "OMP_WAIT_AUTO") or ["default"])
+    else:
+        omp = ["default", "passive"] if args.omp_wait == "both" else [args.omp_wait]
+    return levels, omp
+
+
 def _run_family(family: str, args: argparse.Namespace, allocs: list[str]) -> dict:
-    """Run ``family`` once per allocator setting, each in a subprocess; merge the results."""
+    """Run ``family`` once per allocator setting, SIMD level and OpenMP wait policy, each in a
+    subprocess; merge the results."""
+    levels, omps = _settings(family, args)
     merged: dict = {"family": family, "options": {"quick": args.quick, "compile": not args.no_compile,
                                                   "device": args.device, "threads": args.threads,
-                                                  "cpu_capability": args.cpu_capability},
+                                                  "cpu_capability": levels, "omp_wait": omps},
                     "allocators": {}, "machine": {}, "records": []}
     with tempfile.TemporaryDirectory() as tmp:
         for alloc in allocs:
-            for level in args.cpu_capability:
-                out = Path(tmp) / f"{alloc}-{level}.json"
-                cmd = [sys.executable, "-m", "bench", "--worker", family, "--worker-out", str(out),
-                       "--alloc", alloc, "--device", args.device, "--cpu-capability", level]
-                cmd += ["--quick"] * args.quick + ["--no-compile"] * args.no_compile
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                env = dict(os.environ, DLK_CPU_CAPABILITY=level)
-                proc = subprocess.run(cmd, cwd=HERE.parent, env=env)
-                if proc.returncode != 0:
-                    raise SystemExit(f"bench worker {family} [alloc={alloc}, simd={level}] failed, "
-                                     f"exit code {proc.returncode}")
-                part = json.loads(out.read_text())
-                merged["machine"] = part["machine"]
-                merged["allocators"][alloc] = part["allocator"]
-                merged["records"] += part["records"]
+            for level in levels:
+                for omp in omps:
+                    out = Path(tmp) / f"{alloc}-{level}-{omp}.json"
+                    cmd = [sys.executable, "-m", "bench", "--worker", family, "--worker-out", str(out),
+                           "--alloc", alloc, "--device", args.device, "--cpu-capability", level, "--omp-wait", omp]
+                    cmd += ["--quick"] * args.quick + ["--no-compile"] * args.no_compile
+                    if args.threads:
+                        cmd += ["--threads", str(args.threads)]
+                    env = dict(os.environ, DLK_CPU_CAPABILITY=level)
+                    env.pop("OMP_WAIT_POLICY", None)  # "default": the OpenMP runtime's own
+                    if omp == "passive":
+                        env["OMP_WAIT_POLICY"] = "PASSIVE"
+                    proc = subprocess.run(cmd, cwd=HERE.parent, env=env)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"bench worker {family} [alloc={alloc}, simd={level}, omp={omp}] failed, "
+                                         f"exit code {proc.returncode}")
+                    part = json.loads(out.read_text())
+                    merged["machine"] = part["machine"]
+                    merged["allocators"][alloc] = part["allocator"]
+                    merged["records"] += part["records"]
     return merged
 
 
@@ -143,13 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         merged = _run_family(family, args, allocs)
         paths = harness.write_results(family, merged, args.out)
         m = merged["machine"]
+        opts = merged["options"]
         print(f"\n== {family}: {m['cpu']}, {m['torch_threads']} threads (load {m['loadavg_1min']:.1f}), "
               f"torch {m['torch']}, dlkernels backend {m['dlkernels_backend']} "
-              f"(SIMD levels run: {', '.join(args.cpu_capability)}; CPU's best: {m.get('cpu_native_simd')}), "
-              f"git {m['git_revision']}")
+              f"(SIMD levels run: {', '.join(opts['cpu_capability'])}; CPU's best: {m.get('cpu_native_simd')}), "
+              f"OMP_WAIT_POLICY: {', '.join(opts['omp_wait'])}, git {m['git_revision']}")
         for alloc in allocs:
             print(f"   alloc={alloc}: {harness.ALLOC_LABELS[alloc]}")
         print(harness.table(merged["records"]))
+        shares = harness.share_lines(merged["records"])
+        if shares:
+            print("share of torch eager's step in the layers dlkernels replaces (torch.profiler):")
+            print("\n".join(shares))
         print(f"({time.perf_counter() - t0:.0f} s) wrote " + ", ".join(str(p) for p in paths))
         failed |= any("error" in r for r in merged["records"])
         everything += merged["records"]

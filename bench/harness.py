@@ -34,6 +34,8 @@ ALLOC_LABELS = {
     "reuse": "large-block reuse (dlkernels.cpu.reuse_large_allocations)",
 }
 DLK, EAGER, COMPILE = "dlkernels", "torch eager", "torch.compile"
+DLK_COMPILE = "dlkernels + torch.compile"  # dlkernels' modules under torch.compile (bench_models)
+COMPILED = (COMPILE, DLK_COMPILE)  # the contenders --no-compile drops
 PEERS = {"eager": EAGER, "compile": COMPILE}  # speedup columns: speedup_vs_<key>
 # Access patterns probed, and the bytes each moves per byte of the tensor, as counted for its GB/s.
 PATTERNS = {"read": 1, "copy": 2, "inplace": 2}
@@ -47,12 +49,13 @@ class Case:
     case runs, so big tensors of other cases are not alive meanwhile. ``min_bytes`` is what the
     algorithm must move at least; ``pattern`` names the probe in PATTERNS it is limited by, and
     ``size_bytes`` the tensor size at which that probe runs (normally the main input's).
+    ``pattern=None``: no memory floor (e.g. a whole model's step), so no probe and no roofline.
     """
 
     name: str
     setup: Callable[[], dict[str, Callable[[], Any]]]
     min_bytes: int
-    pattern: str
+    pattern: str | None
     size_bytes: int
     device: str = "cpu"
     params: dict[str, Any] = field(default_factory=dict)
@@ -60,11 +63,18 @@ class Case:
     # pass): pattern -> bytes. When given, the floor is the sum of each pass at its bandwidth and
     # min_bytes/pattern are derived from it.
     passes: dict[str, int] | None = None
+    # Filled by ``setup`` (e.g. a profile of one contender); added to every record of the case.
+    info: dict[str, Any] = field(default_factory=dict)
+    # Per-case timing and number of interleaved turns, instead of the run's (slow cases: a few calls).
+    timing: Timing | None = None
+    rounds: int | None = None
 
     def __post_init__(self) -> None:
         if self.passes:
             self.min_bytes = sum(self.passes.values())
             self.pattern = "+".join(self.passes)
+        if self.pattern is None:
+            return
         for p in self.passes or {self.pattern: self.min_bytes}:
             if p not in PATTERNS:
                 raise ValueError(f"{self.name}: pattern {p!r} is not one of {list(PATTERNS)}")
@@ -207,18 +217,23 @@ ROUNDS = 5  # contenders and probes are timed in turns: a slow drift of a shared
 def run_case(case: Case, timing: Timing, alloc: str, family: str,
              compile: bool = True) -> list[dict[str, Any]]:
     """Time the case's bandwidth probes and every contender, interleaved in ROUNDS turns (each
-    turn a ROUNDS-th of ``timing``); one record per contender."""
+    turn a ROUNDS-th of ``timing``); one record per contender. The case's own ``timing`` and
+    ``rounds``, when set, replace the run's."""
+    timing = case.timing or timing
+    rounds = case.rounds or ROUNDS
     if compile:
         torch._dynamo.reset()  # fresh compile cache per case: no recompile limit, no dynamic shapes
     base = {"family": family, "case": case.name, "alloc": alloc, **case.params,
             "min_bytes": case.min_bytes, "pattern": case.pattern}
     try:
-        probe_fns = probes(case.size_bytes, case.device, case.passes or [case.pattern])
+        probe_fns = {} if case.pattern is None else probes(case.size_bytes, case.device,
+                                                           case.passes or [case.pattern])
         contenders = case.setup()
     except Exception as e:  # the library may be mid-build: report it, keep going
         return [{**base, "contender": DLK, "error": f"setup: {type(e).__name__}: {e}"}]
     if not compile:
-        contenders.pop(COMPILE, None)
+        for name in COMPILED:
+            contenders.pop(name, None)
     records = {name: {**base, "contender": name} for name in contenders}
     for name, fn in contenders.items():
         try:
@@ -233,11 +248,11 @@ def run_case(case: Case, timing: Timing, alloc: str, family: str,
             records[DLK]["max_error"] = max_error(contenders[DLK])
         except Exception as e:  # a reference that cannot run this case: say so, keep timing
             records[DLK]["max_error_note"] = f"{type(e).__name__}: {e}"[:200]
-    turn = Timing(warmup=1, repeats=-(-timing.repeats // ROUNDS), min_time=timing.min_time / ROUNDS,
-                  max_calls=max(1, timing.max_calls // ROUNDS))
+    turn = Timing(warmup=1, repeats=-(-timing.repeats // rounds), min_time=timing.min_time / rounds,
+                  max_calls=max(1, timing.max_calls // rounds))
     fns = {**probe_fns, **{k: f for k, f in contenders.items() if "error" not in records[k]}}
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(ROUNDS):
+    for r in range(rounds):
         for name, fn in fns.items():
             if name in records and "error" in records[name]:
                 continue
@@ -246,20 +261,24 @@ def run_case(case: Case, timing: Timing, alloc: str, family: str,
                 times[name] += time_fn(fn, device=case.device, **{**vars(turn), "warmup": warmup})
             except Exception as e:
                 records[name]["error"] = f"{type(e).__name__}: {e}"
-    n_bytes = max(case.size_bytes // 4, 1) * 4
-    best = {p: min(statistics.median(t) for k, t in times.items() if k.startswith(p + "/"))
-            for p in (case.passes or [case.pattern])}
-    bws = {p: PATTERNS[p] * n_bytes / 1e9 / s for p, s in best.items()}
-    floor_s = case.floor_s(bws)
-    bw = case.min_bytes / floor_s / 1e9  # the effective bandwidth of the case's passes
+    floor_s = None
+    if case.pattern is not None:
+        n_bytes = max(case.size_bytes // 4, 1) * 4
+        best = {p: min(statistics.median(t) for k, t in times.items() if k.startswith(p + "/"))
+                for p in (case.passes or [case.pattern])}
+        bws = {p: PATTERNS[p] * n_bytes / 1e9 / s for p, s in best.items()}
+        floor_s = case.floor_s(bws)
     for name, rec in records.items():
-        rec["pattern_gbps"] = bw
+        rec.update(case.info)
+        if floor_s is not None:
+            rec["pattern_gbps"] = case.min_bytes / floor_s / 1e9  # the effective bandwidth of the case's passes
         if "error" in rec:
             continue
         rec.update(summarize(times[name]), times_ms=[round(t * 1e3, 6) for t in times[name]])
-        sec = rec["median_ms"] / 1e3
-        rec["gbps"] = case.min_bytes / sec / 1e9
-        rec["roofline"] = floor_s / sec
+        if floor_s is not None:
+            sec = rec["median_ms"] / 1e3
+            rec["gbps"] = case.min_bytes / sec / 1e9
+            rec["roofline"] = floor_s / sec
     del contenders, probe_fns, fns
     gc.collect()  # once per case (a full collection takes ~0.3 s once inductor is loaded)
     medians = {r["contender"]: r["median_ms"] for r in records.values() if "median_ms" in r}
@@ -306,6 +325,7 @@ def machine_info(device: str) -> dict[str, Any]:
         # other work on the machine skews timings (OpenMP threads then wait for a time slice)
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "dlk_backend_env": os.environ.get("DLK_BACKEND"),
+        "omp_wait_policy_env": os.environ.get("OMP_WAIT_POLICY"),  # read by the OpenMP runtime at load
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -325,8 +345,8 @@ def machine_info(device: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- output
 
-CSV_FIRST = ["family", "case", "alloc", "simd", "contender", "median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms",
-             "max_ms", "calls", "gbps", "pattern", "pattern_gbps", "roofline", "speedup_vs_eager",
+CSV_FIRST = ["family", "case", "alloc", "simd", "omp_wait", "contender", "median_ms", "iqr_ms", "q1_ms", "q3_ms",
+             "min_ms", "max_ms", "calls", "gbps", "pattern", "pattern_gbps", "roofline", "speedup_vs_eager",
              "speedup_vs_compile", "first_call_s", "min_bytes"]
 
 
@@ -346,14 +366,24 @@ def write_results(family: str, merged: dict[str, Any], out_dir: Path = RESULTS) 
     return paths
 
 
+def _several(records: list[dict[str, Any]], key: str) -> bool:
+    return len({r.get(key) for r in records}) > 1
+
+
 def _plot_label(records: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
-    """A case's label in the plot: its name, and its SIMD level when several levels ran."""
-    several = len({r.get("simd") for r in records}) > 1
-    return lambda r: f"{r['case']} [{r.get('simd')}]" if several else r["case"]
+    """A case's label in the plot: its name, and its SIMD level and OpenMP wait policy when
+    several of them ran."""
+    keys = [k for k in ("simd", "omp_wait") if _several(records, k)]
+    return lambda r: r["case"] + "".join(f" [{r.get(k)}]" for k in keys)
+
+
+# The bars of the plot: (contender, peer key in PEERS), each drawn where the records have it.
+BARS = [(DLK, "eager"), (DLK, "compile"), (DLK_COMPILE, "compile")]
 
 
 def plot(family: str, records: list[dict[str, Any]], path: Path) -> None:
-    """Grouped horizontal bars: dlkernels' speedup vs each peer per case, a panel per allocator."""
+    """Grouped horizontal bars: dlkernels' speedup vs each peer per case, a panel per allocator
+    (and dlkernels under torch.compile against torch.compile, where it ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,15 +392,18 @@ def plot(family: str, records: list[dict[str, Any]], path: Path) -> None:
     allocs = [a for a in ALLOC_SETTINGS if any(r["alloc"] == a for r in records)]
     label = _plot_label(records)
     cases = list(dict.fromkeys(label(r) for r in records))
+    bars = [(c, k) for c, k in BARS if any(r["contender"] == c and f"speedup_vs_{k}" in r for r in records)]
+    bars = bars or BARS[:2]
     fig, axes = plt.subplots(1, len(allocs), figsize=(6.5 * len(allocs), 0.45 * len(cases) + 1.8),
                              sharey=True, squeeze=False)
-    height = 0.8 / len(PEERS)
+    height = 0.8 / len(bars)
     for ax, alloc in zip(axes[0], allocs, strict=True):
-        dlk = {label(r): r for r in records if r["alloc"] == alloc and r["contender"] == DLK}
-        for i, (key, peer) in enumerate(PEERS.items()):
-            vals = [dlk.get(c, {}).get(f"speedup_vs_{key}", 0.0) for c in cases]
-            ys = [j + (i - (len(PEERS) - 1) / 2) * height for j in range(len(cases))]
-            ax.barh(ys, vals, height=height, label=f"vs {peer}")
+        for i, (contender, key) in enumerate(bars):
+            recs = {label(r): r for r in records if r["alloc"] == alloc and r["contender"] == contender}
+            vals = [recs.get(c, {}).get(f"speedup_vs_{key}", 0.0) for c in cases]
+            ys = [j + (i - (len(bars) - 1) / 2) * height for j in range(len(cases))]
+            name = "" if contender == DLK else f"{contender} "
+            ax.barh(ys, vals, height=height, label=f"{name}vs {PEERS[key]}")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(cases)), cases, fontsize=8)
         ax.set_xlabel("speedup of dlkernels (peer time / dlkernels time)")
@@ -388,23 +421,44 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """A plain-text table of every record, grouped by allocator setting and case."""
-    head = ["alloc", "simd", "case", "contender", "median ms", "IQR ms", "GB/s", "roofline", "x eager", "x compile",
-            "compile s"]
+    """A plain-text table of every record, grouped by allocator setting and case. The OpenMP wait
+    policy is a column when several ran; the replaced layers' share when a case recorded one."""
+    omp = _several(records, "omp_wait")
+    share = any("share" in r for r in records)
+    head = (["alloc", "simd"] + ["omp"] * omp
+            + ["case", "contender", "median ms", "IQR ms", "GB/s", "roofline", "x eager", "x compile"]
+            + ["share"] * share + ["compile s"])
     rows = []
     for r in records:
+        lead = [r["alloc"], r.get("simd", "-")] + [r.get("omp_wait", "-")] * omp + [r["case"], r["contender"]]
         if "error" in r:
-            rows.append([r["alloc"], r.get("simd", "-"), r["case"], r["contender"], "ERROR: " + r["error"][:100]])
+            rows.append(lead + ["ERROR: " + r["error"][:100]])
             continue
-        rows.append([r["alloc"], r.get("simd", "-"), r["case"], r["contender"], _fmt(r["median_ms"], ".3f"),
-                     _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["roofline"], ".0%"),
-                     _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compile"), ".2f"),
-                     _fmt(r["first_call_s"], ".1f") if r["contender"] == COMPILE else ""])
+        rows.append(lead + [_fmt(r["median_ms"], ".3f"), _fmt(r["iqr_ms"], ".3f"), _fmt(r.get("gbps"), ".1f"),
+                            _fmt(r.get("roofline"), ".0%"), _fmt(r.get("speedup_vs_eager"), ".2f"),
+                            _fmt(r.get("speedup_vs_compile"), ".2f")]
+                    + [_fmt(r.get("share"), ".0%")] * share
+                    + [_fmt(r["first_call_s"], ".1f") if r["contender"] in COMPILED else ""])
     widths = [max(len(str(x[i])) for x in [head, *rows] if len(x) == len(head)) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
              for row in [head, *rows]]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def share_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per (case, setting) that recorded ``share`` (bench_models): the part of torch
+    eager's step spent in the layers dlkernels replaces, by kind, from torch.profiler."""
+    seen: dict[tuple, str] = {}
+    for r in records:
+        if "share" not in r:
+            continue
+        key = (r["case"], r["alloc"], r.get("simd"), r.get("omp_wait"))
+        kinds = ", ".join(f"{k.removeprefix('share_')} {v:.0%}" for k, v in r.items()
+                          if k.startswith("share_"))
+        seen.setdefault(key, f"  {r['case']} [alloc={r['alloc']}, simd={r.get('simd')}, omp={r.get('omp_wait')}]: "
+                             f"{r['share']:.0%} ({kinds})")
+    return list(seen.values())
 
 
 # ---------------------------------------------------------------------------------- summary
