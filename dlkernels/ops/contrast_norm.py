@@ -248,9 +248,10 @@ def local_contrast_norm(input: Tensor, kernel_size: int = 9, sigma: float = 2.0,
     renormalizing the border (the image's border is pulled towards 0), and, through a ``return``
     inside its channel loop, normalizes only the first channel. dlkernels follows the definition
     above (the Deep Learning book's, sec. 12.2.1.1) instead: each of those three is a departure
-    from it, and the last is a bug.
+    from it, and the last is a bug (details: docs/contrast_norm.md).
 
-    Where max() picks eps (or lecun's mean), the gradient does not flow through s there; with
+    Where max() picks eps, no gradient flows through s there (where it picks lecun's mean, the
+    gradient goes to the mean, so to every s of the image); at a tie of s and the mean, to s; with
     ``eps=0`` a flat neighbourhood (s = 0, so v = 0) gives 0, not 0/0. Float16/bfloat16 compute in
     float32, float64 in float64. Contiguous and channels_last input keep their layout.
     """
