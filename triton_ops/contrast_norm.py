@@ -563,6 +563,7 @@ def local_contrast_norm_backward(grad: torch.Tensor, x: torch.Tensor, kernel_siz
     xd = _lcn_prepare(x)
     if grad.shape != xd.shape or grad.dtype != xd.dtype:
         raise ValueError("local_contrast_norm_backward: grad_output must match input in shape and dtype")
+    grad = like(grad, xd)  # dense as x: the int32 offsets of x cover it too
     gi = torch.empty_like(xd)
     if xd.numel() == 0:
         return gi
