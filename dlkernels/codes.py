@@ -19,10 +19,19 @@ class Activation(IntEnum):
     PRELU = 3
 
 
+class LcnDivisor(IntEnum):
+    """Local contrast normalization's divisor: C++ ``dlk::LcnDivisor`` (kLcnDivisorLocal, ...);
+    Python names them by the lower-case member name ("local", "lecun")."""
+
+    LOCAL = 0
+    LECUN = 1
+
+
 # Each enum -> (C++ type name, prefix of its C++ constants); a constant is the prefix + the
 # member's name in CamelCase (LEAKY_RELU -> kActLeakyRelu).
 CPP_ENUMS: dict[type[IntEnum], tuple[str, str]] = {
     Activation: ("Act", "kAct"),
+    LcnDivisor: ("LcnDivisor", "kLcnDivisor"),
 }
 
 

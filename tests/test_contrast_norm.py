@@ -235,8 +235,8 @@ def test_cpu_independent_of_thread_count(backend, shape):
             assert torch.equal(a, b)
 
 
-# Every CPU kernel of the family on seeded inputs, for the cross-level comparison below (the central
-# script of tests/test_cpu_capability.py does not list this family's kernels).
+# Every CPU kernel of the family (GCN and LCN) on seeded inputs, for the cross-level comparison
+# below (the central script of tests/test_cpu_capability.py does not list this family's kernels).
 _LEVEL_SCRIPT = r"""
 import sys, torch, dlkernels, dlkernels.functional as F
 g = torch.Generator().manual_seed(0)
@@ -251,6 +251,18 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                     y = F.global_contrast_norm(x, 1.5, 0.1, 1e-8, style=style, subtract_mean=sub)
                     (gx,) = torch.autograd.grad(y, x, gy)
                 out[f"{dt} {shape} {style} {sub}"] = torch.cat([y.detach().flatten(), gx.flatten()])
+    # local contrast normalization: every loop and path (per unit / split rows, NCHW / NHWC)
+    for shape, cl in (((2, 3, 13, 21), False), ((2, 3, 13, 21), True), ((1, 2, 300, 450), False)):
+        x = (torch.randn(shape, generator=g) * 3 + 2).to(dt)
+        x = x.to(memory_format=torch.channels_last) if cl else x
+        x.requires_grad_()
+        gy = torch.randn(shape, generator=g).to(dt)
+        for divisor in ("local", "lecun"):
+            for across in (False, True):
+                with dlkernels.use_backend("cpu"):
+                    y = F.local_contrast_norm(x, 7, 1.5, 1e-4, divisor=divisor, across_channels=across)
+                    (gx,) = torch.autograd.grad(y, x, gy)
+                out[f"lcn {dt} {shape} {cl} {divisor} {across}"] = torch.cat([y.detach().flatten(), gx.flatten()])
 torch.save(out, sys.argv[1])
 """
 

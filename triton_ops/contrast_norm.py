@@ -1,5 +1,7 @@
-"""Global contrast normalization in Triton: forward and backward launchers (the contract is
-dlkernels/reference/contrast_norm.py).
+"""Global and local contrast normalization in Triton: forward and backward launchers (the
+contract is dlkernels/reference/contrast_norm.py).
+
+GCN:
 
 Layout (the same as the C++ backend): example i is the dense block [i * M, (i + 1) * M) of x's
 memory (contiguous or channels_last; anything else is copied to contiguous first); outputs are
@@ -11,6 +13,17 @@ blocks with Chan's formula, ``_gcn_stats_kernel`` (grid N) merges an example's S
 computes (a, inv, w, b), ``_gcn_apply_kernel`` writes y. Backward: ``_gcn_bwd_partial_kernel``
 sums g and g * (x - a) per (example, split); ``_gcn_bwd_apply_kernel`` adds an example's
 partials and writes grad_input. Fixed orders, no atomics: deterministic.
+
+LCN: x is read through its strides (any layout; the output is ``empty_like`` of the x the
+launcher takes). The statistics live in float32 (float64) planes (N * CS, H, W), CS = C per
+channel or 1 across channels. ``_lcn_row_kernel`` is the pass along W of a source it computes on
+the fly (MODE 0: x minus the plane's first value; 1: v^2; 2: the backward's gq / Z; 3: the channel
+sum of gv / Z; across channels MODE 0/1 average the channels), ``_lcn_col_kernel`` the pass along
+H (with 1/zr and sqrt for the forward statistics), ``_lcn_mean_kernel`` a plane's mean (lecun's c
+and its gradient). Forward: row(0), col -> M, row(1), col+sqrt -> S, [mean -> c], out. Backward:
+the forward's statistics again (nothing is saved), ``_lcn_bwd_gs_kernel`` (gradient of s, and
+lecun's part for c), [mean], row(2), col -> R, ``_lcn_bwd_gv_kernel`` (gv), row(3), col -> U,
+``_lcn_bwd_out_kernel``. Fixed orders, no atomics: deterministic.
 """
 
 from __future__ import annotations
@@ -19,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dlkernels.reference.contrast_norm import blocked
+from dlkernels.codes import LcnDivisor
+from dlkernels.reference.contrast_norm import blocked, gaussian_window, inverse_normalizer, lcn_layout
 
 from ._aot import AotSpec
 from ._common import like, on_device
@@ -248,6 +262,335 @@ def global_contrast_norm_backward(grad: torch.Tensor, x: torch.Tensor, stats: to
     return gi
 
 
+
+# ---- local contrast normalization ----
+
+@triton.jit
+def _lcn_coef(s, c, eps, LECUN: tl.constexpr):
+    # (inv, on_s, on_c): lcn_coef of csrc/common/contrast_norm.h
+    if LECUN:
+        swin = ~(s < c)
+    else:
+        swin = tl.zeros_like(s) == 0  # NaN s too
+    t = tl.where(swin, s, c)
+    smooth = ~(t <= eps)
+    d = tl.where(smooth, t, eps)
+    inv = tl.where(d == 0, 0.0, 1.0 / tl.where(d == 0, 1.0, d))  # no 1/0 computed (the interpreter warns)
+    return inv.to(s.dtype), smooth & swin, smooth & (~swin)
+
+
+@triton.jit
+def _lcn_row_kernel(src_ptr, aux_ptr, vec_ptr, out_ptr, w_ptr, izr_ptr, izc_ptr, C, CS, H, W, RW,
+                    s_n, s_c, s_h, s_w, MODE: tl.constexpr, ACROSS: tl.constexpr, BLOCK: tl.constexpr,
+                    WIDE: tl.constexpr):
+    # program (p * H + h, jb): out[p, h, j] = sum_k w[k] src[p, h, j + k - RW] (zero outside) for
+    # BLOCK columns j of statistics plane p = n * CS + cs; src per MODE (see the module docstring)
+    ph = tl.program_id(0)
+    if WIDE:
+        ph = ph.to(tl.int64)
+    acc_ty = out_ptr.dtype.element_ty
+    p = ph // H
+    h = ph - p * H
+    n = p // CS
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if ACROSS:
+        c0 = 0
+        nc = C
+    else:
+        c0 = p - n * CS
+        nc = 1
+    acc = tl.zeros([BLOCK], dtype=acc_ty)
+    for k in range(0, 2 * RW + 1):
+        jj = j + (k - RW)
+        mask = (jj >= 0) & (jj < W)
+        val = tl.zeros([BLOCK], dtype=acc_ty)
+        if MODE < 2:
+            shift = tl.load(vec_ptr + p)
+            if MODE == 1:
+                m = tl.load(aux_ptr + ph * W + jj, mask=mask, other=0)
+            for c in range(c0, c0 + nc):
+                d = tl.load(src_ptr + n * s_n + c * s_c + h * s_h + jj * s_w, mask=mask, other=0).to(acc_ty) - shift
+                if MODE == 1:
+                    d = d - m
+                    d = d * d
+                val += d
+            if ACROSS:
+                val = val / C
+        elif MODE == 2:
+            gs = tl.load(src_ptr + ph * W + jj, mask=mask, other=0)
+            sd = tl.load(aux_ptr + ph * W + jj, mask=mask, other=0)
+            gq = tl.where(sd > 0, (gs + tl.load(vec_ptr + p)) / (2 * tl.where(sd > 0, sd, 1)), 0)
+            val = gq * tl.load(izr_ptr + h) * tl.load(izc_ptr + jj, mask=mask, other=0)
+        else:
+            for c in range(c0, c0 + nc):
+                val += tl.load(src_ptr + n * s_n + c * s_c + h * s_h + jj * s_w, mask=mask, other=0)
+            val = val * tl.load(izr_ptr + h) * tl.load(izc_ptr + jj, mask=mask, other=0)
+        acc += tl.load(w_ptr + k) * tl.where(mask, val, 0)
+    if MODE < 2:
+        acc = acc * tl.load(izc_ptr + j, mask=j < W, other=1)
+    tl.store(out_ptr + ph * W + j, acc, mask=j < W)
+
+
+@triton.jit
+def _lcn_col_kernel(t_ptr, out_ptr, w_ptr, izr_ptr, H, W, RH, NORM: tl.constexpr, SQRT: tl.constexpr,
+                    BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # program (p * H + h, jb): out[p, h, j] = sum_k w[k] t[p, h + k - RH, j] (zero outside),
+    # NORM: times 1/zr(h); SQRT: its square root
+    ph = tl.program_id(0)
+    if WIDE:
+        ph = ph.to(tl.int64)
+    p = ph // H
+    h = ph - p * H
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < W
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    for k in range(0, 2 * RH + 1):
+        hh = h + (k - RH)
+        ok = (hh >= 0) & (hh < H)
+        acc += tl.load(w_ptr + k) * tl.load(t_ptr + (p * H + hh) * W + j, mask=mask & ok, other=0)
+    if NORM:
+        acc = acc * tl.load(izr_ptr + h)
+    if SQRT:
+        acc = tl.sqrt(acc)
+    tl.store(out_ptr + ph * W + j, acc, mask=mask)
+
+
+@triton.jit
+def _lcn_mean_kernel(src_ptr, out_ptr, HW, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # out[p] = the mean of plane p (HW values), in a fixed order
+    p = tl.program_id(0)
+    if WIDE:
+        p = p.to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, HW, BLOCK):
+        q = start + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + p * HW + q, mask=q < HW, other=0)
+    tl.store(out_ptr + p, tl.sum(acc, axis=0) / HW)
+
+
+@triton.jit
+def _lcn_elem(pid, C, CS, H, ACROSS: tl.constexpr):
+    # (n, c, h, p) of program (n * C + c) * H + h; p: its statistics plane
+    nc = pid // H
+    h = pid - nc * H
+    n = nc // C
+    c = nc - n * C
+    if ACROSS:
+        p = n
+    else:
+        p = nc
+    return n, c, h, p
+
+
+@triton.jit
+def _lcn_out_kernel(x_ptr, y_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, eps: tl.float64, C, CS, H, W,
+                    sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, ACROSS: tl.constexpr, LECUN: tl.constexpr,
+                    BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # y = (x - shift - m) * inv for BLOCK columns of row h of channel (n, c)
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    n, c, h, p = _lcn_elem(pid, C, CS, H, ACROSS)
+    acc_ty = m_ptr.dtype.element_ty
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < W
+    st = (p * H + h) * W + j
+    m = tl.load(m_ptr + st, mask=mask, other=0)
+    sd = tl.load(s_ptr + st, mask=mask, other=1)
+    inv, _, _ = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, acc_ty), LECUN)
+    x = tl.load(x_ptr + n * sx_n + c * sx_c + h * sx_h + j * sx_w, mask=mask, other=0).to(acc_ty)
+    y = (x - tl.load(shift_ptr + p) - m) * inv
+    tl.store(y_ptr + n * sy_n + c * sy_c + h * sy_h + j * sy_w, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lcn_bwd_gs_kernel(g_ptr, x_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, gs_ptr, ct_ptr, eps: tl.float64, C, CS, H, W,
+                       sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, ACROSS: tl.constexpr, LECUN: tl.constexpr,
+                       BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # per statistic: gd = sum over its channels of -g v inv^2; gs = gd where s is the divisor,
+    # ct = gd where lecun's c is
+    ph = tl.program_id(0)
+    if WIDE:
+        ph = ph.to(tl.int64)
+    acc_ty = m_ptr.dtype.element_ty
+    p = ph // H
+    h = ph - p * H
+    n = p // CS
+    if ACROSS:
+        c0 = 0
+        nc = C
+    else:
+        c0 = p - n * CS
+        nc = 1
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < W
+    st = ph * W + j
+    m = tl.load(m_ptr + st, mask=mask, other=0)
+    sd = tl.load(s_ptr + st, mask=mask, other=1)
+    inv, on_s, on_c = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, acc_ty), LECUN)
+    shift = tl.load(shift_ptr + p)
+    gd = tl.zeros([BLOCK], dtype=acc_ty)
+    for c in range(c0, c0 + nc):
+        x = tl.load(x_ptr + n * sx_n + c * sx_c + h * sx_h + j * sx_w, mask=mask, other=0).to(acc_ty)
+        g = tl.load(g_ptr + n * sg_n + c * sg_c + h * sg_h + j * sg_w, mask=mask, other=0).to(acc_ty)
+        gd += -g * (x - shift - m) * inv * inv
+    tl.store(gs_ptr + st, tl.where(on_s, gd, 0), mask=mask)
+    tl.store(ct_ptr + st, tl.where(on_c, gd, 0), mask=mask)
+
+
+@triton.jit
+def _lcn_bwd_gv_kernel(g_ptr, x_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, r_ptr, gv_ptr, eps: tl.float64, C, CS, H, W,
+                       sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, ACROSS: tl.constexpr, LECUN: tl.constexpr,
+                       BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # gv = g inv + f2 v R (f2 = 2, or 2 / C across channels) into the contiguous (N, C, H, W) gv
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    n, c, h, p = _lcn_elem(pid, C, CS, H, ACROSS)
+    acc_ty = m_ptr.dtype.element_ty
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < W
+    st = (p * H + h) * W + j
+    m = tl.load(m_ptr + st, mask=mask, other=0)
+    sd = tl.load(s_ptr + st, mask=mask, other=1)
+    r = tl.load(r_ptr + st, mask=mask, other=0)
+    inv, _, _ = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, acc_ty), LECUN)
+    x = tl.load(x_ptr + n * sx_n + c * sx_c + h * sx_h + j * sx_w, mask=mask, other=0).to(acc_ty)
+    g = tl.load(g_ptr + n * sg_n + c * sg_c + h * sg_h + j * sg_w, mask=mask, other=0).to(acc_ty)
+    if ACROSS:
+        f2 = 2 / C.to(acc_ty)  # in the compute type (an int32 C would give a float32 quotient)
+    else:
+        f2 = 2.0
+    gv = g * inv + f2 * (x - tl.load(shift_ptr + p) - m) * r
+    tl.store(gv_ptr + pid * W + j, gv, mask=mask)
+
+
+@triton.jit
+def _lcn_bwd_out_kernel(gv_ptr, u_ptr, gx_ptr, C, CS, H, W, so_n, so_c, so_h, so_w, ACROSS: tl.constexpr,
+                        BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # grad_input = gv - f U (f = 1, or 1 / C across channels)
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    n, c, h, p = _lcn_elem(pid, C, CS, H, ACROSS)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < W
+    u = tl.load(u_ptr + (p * H + h) * W + j, mask=mask, other=0)
+    if ACROSS:
+        u = u / C
+    gx = tl.load(gv_ptr + pid * W + j, mask=mask, other=0) - u
+    tl.store(gx_ptr + n * so_n + c * so_c + h * so_h + j * so_w, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _lcn_prepare(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4:
+        raise ValueError(f"local_contrast_norm: input must be 4-d (N, C, H, W), got {x.dim()}-d")
+    return x if lcn_layout(x) else x.contiguous()
+
+
+class _LcnState:
+    """A call's windows, shapes and the forward statistics M, S (and lecun's per-plane mean c)."""
+
+    def __init__(self, x: torch.Tensor, kernel_size: int, sigma: float, eps: float, divisor: str, across: bool):
+        if divisor not in _DIVISORS:
+            raise ValueError(f"local_contrast_norm: unknown divisor {divisor!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0 or sigma < 0 or eps < 0:
+            raise ValueError("local_contrast_norm: kernel_size must be odd and >= 1, sigma and eps >= 0")
+        self.x = x
+        self.n, self.c, self.h, self.w = x.shape
+        self.across, self.lecun, self.eps = bool(across), _DIVISORS[divisor] == LcnDivisor.LECUN, float(eps)
+        self.cs = 1 if across else self.c
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dev = x.device
+        ww, wh = gaussian_window(kernel_size, sigma, self.w), gaussian_window(kernel_size, sigma, self.h)
+        self.rw, self.rh = len(ww) // 2, len(wh) // 2
+        self.ww, self.wh = (torch.tensor(v, dtype=acc, device=dev) for v in (ww, wh))
+        self.izc = torch.tensor(inverse_normalizer(ww, self.w), dtype=acc, device=dev)
+        self.izr = torch.tensor(inverse_normalizer(wh, self.h), dtype=acc, device=dev)
+        # the first value of each statistics plane (per channel, or per example across channels)
+        first = x[:, :1, 0, 0] if across else x[:, :, 0, 0]
+        self.shift = first.to(acc).reshape(-1).contiguous()
+        planes = self.n * self.cs
+        self.block = max(16, min(1024, triton.next_power_of_2(self.w)))
+        self.wide = max(x.numel(), planes * self.h * self.w) > _INT32_LIMIT
+        self.stat_grid = (planes * self.h, triton.cdiv(self.w, self.block))
+        self.elem_grid = (self.n * self.c * self.h, triton.cdiv(self.w, self.block))
+        self.t = torch.empty((planes, self.h, self.w), dtype=acc, device=dev)
+        self.m, self.s = torch.empty_like(self.t), torch.empty_like(self.t)
+        self.cm = torch.zeros(planes, dtype=acc, device=dev)
+        k = dict(BLOCK=self.block, WIDE=self.wide)
+        xs = x.stride()
+        self._row(x, self.t, self.t, mode=0, strides=xs)
+        _lcn_col_kernel[self.stat_grid](self.t, self.m, self.wh, self.izr, self.h, self.w, self.rh, NORM=True,
+                                        SQRT=False, **k)
+        self._row(x, self.m, self.t, mode=1, strides=xs)
+        _lcn_col_kernel[self.stat_grid](self.t, self.s, self.wh, self.izr, self.h, self.w, self.rh, NORM=True,
+                                        SQRT=True, **k)
+        if self.lecun:
+            self.mean(self.s, self.cm)
+
+    def _row(self, src, aux, out, mode: int, strides=(0, 0, 0, 0), vec=None) -> None:
+        vec = self.shift if vec is None else vec
+        _lcn_row_kernel[self.stat_grid](src, aux, vec, out, self.ww, self.izr, self.izc, self.c, self.cs, self.h,
+                                        self.w, self.rw, *strides, MODE=mode, ACROSS=self.across, BLOCK=self.block,
+                                        WIDE=self.wide)
+
+    def mean(self, src: torch.Tensor, out: torch.Tensor) -> None:
+        hw = self.h * self.w
+        _lcn_mean_kernel[(out.numel(),)](src, out, hw, BLOCK=max(16, min(1024, triton.next_power_of_2(hw))),
+                                         WIDE=self.wide)
+
+
+_DIVISORS = {d.name.lower(): d for d in LcnDivisor}
+
+
+def local_contrast_norm(x: torch.Tensor, kernel_size: int, sigma: float, eps: float, divisor: str,
+                        across_channels: bool) -> torch.Tensor:
+    xd = _lcn_prepare(x)
+    y = torch.empty_like(xd)
+    if xd.numel() == 0:
+        return y
+    with on_device(xd):
+        st = _LcnState(xd, kernel_size, sigma, eps, divisor, across_channels)
+        _lcn_out_kernel[st.elem_grid](xd, y, st.m, st.s, st.cm, st.shift, st.eps, st.c, st.cs, st.h, st.w,
+                                      *xd.stride(), *y.stride(), ACROSS=st.across, LECUN=st.lecun, BLOCK=st.block,
+                                      WIDE=st.wide)
+    return y
+
+
+def local_contrast_norm_backward(grad: torch.Tensor, x: torch.Tensor, kernel_size: int, sigma: float, eps: float,
+                                 divisor: str, across_channels: bool) -> torch.Tensor:
+    xd = _lcn_prepare(x)
+    if grad.shape != xd.shape or grad.dtype != xd.dtype:
+        raise ValueError("local_contrast_norm_backward: grad_output must match input in shape and dtype")
+    grad = like(grad, xd)  # dense as x: the int32 offsets of x cover it too
+    gi = torch.empty_like(xd)
+    if xd.numel() == 0:
+        return gi
+    with on_device(xd):
+        st = _LcnState(xd, kernel_size, sigma, eps, divisor, across_channels)
+        k = dict(ACROSS=st.across, BLOCK=st.block, WIDE=st.wide)
+        gs, ct = torch.empty_like(st.t), torch.empty_like(st.t)
+        _lcn_bwd_gs_kernel[st.stat_grid](grad, xd, st.m, st.s, st.cm, st.shift, gs, ct, st.eps, st.c, st.cs, st.h,
+                                         st.w, *xd.stride(), *grad.stride(), LECUN=st.lecun, **k)
+        gc = torch.zeros_like(st.cm)
+        if st.lecun:
+            st.mean(ct, gc)  # c's gradient, spread evenly over the plane: / (H W)
+        st._row(gs, st.s, st.t, mode=2, vec=gc)
+        r = ct  # ct is no longer needed: R = A^T gq
+        _lcn_col_kernel[st.stat_grid](st.t, r, st.wh, st.izr, st.h, st.w, st.rh, NORM=False, SQRT=False,
+                                      BLOCK=st.block, WIDE=st.wide)
+        gv = torch.empty(xd.shape, dtype=st.t.dtype, device=xd.device)
+        _lcn_bwd_gv_kernel[st.elem_grid](grad, xd, st.m, st.s, st.cm, st.shift, r, gv, st.eps, st.c, st.cs, st.h,
+                                         st.w, *xd.stride(), *grad.stride(), LECUN=st.lecun, **k)
+        st._row(gv, gv, st.t, mode=3, strides=gv.stride())
+        u = gs  # gs is no longer needed: U = A^T(channel sum of gv)
+        _lcn_col_kernel[st.stat_grid](st.t, u, st.wh, st.izr, st.h, st.w, st.rh, NORM=False, SQRT=False,
+                                      BLOCK=st.block, WIDE=st.wide)
+        _lcn_bwd_out_kernel[st.elem_grid](gv, u, gi, st.c, st.cs, st.h, st.w, *gi.stride(), **k)
+    return gi
+
+
 def _spec(kernel, dt: str, variant: str = "", **consts) -> AotSpec:
     # *_ptr: 16-byte aligned tensors of dt (stats/part in the accumulation type); scale/lam/eps
     # fp64; M "i32:16" (a multiple of 16, as 224x224 images), other integers i32. "odd": M not a
@@ -275,4 +618,33 @@ AOT_SPECS: list[AotSpec] = [
     *(_spec(k, "fp32", "odd") for k in _ELEMENTWISE),
     *(_spec(k, "fp32", "wide") for k in _ELEMENTWISE),
     _spec(_gcn_bwd_apply_kernel, "fp32", "wide", SUBTRACT=1, SPLIT_P2=16),
+]
+
+
+def _lcn_spec(kernel, dt: str, variant: str = "", **consts) -> AotSpec:
+    # x/y/g/gx (and the row pass's src in MODE 0/1) are dt storage, every other pointer the
+    # accumulation type; eps fp64; integers i32 ("wide": int64 indexing).
+    acc = "fp64" if dt == "fp64" else "fp32"
+    consts = {"BLOCK": 256, "WIDE": int(variant == "wide"), **consts}
+    storage = {"x_ptr", "y_ptr", "g_ptr", "gx_ptr"} | ({"src_ptr"} if consts.get("MODE", 2) < 2 else set())
+    sig = {a: (f"*{dt}:16" if a in storage else f"*{acc}:16") if a.endswith("_ptr") else "fp64" if a == "eps" else "i32"
+           for a in kernel.arg_names if a not in consts}
+    name = kernel.__name__.strip("_").removesuffix("_kernel")
+    tag = ",".join(filter(None, (dt, variant, *(f"{k}={v}" for k, v in consts.items() if k not in ("BLOCK", "WIDE")))))
+    return AotSpec(f"{name}[{tag}]", kernel, sig, consts)
+
+
+AOT_SPECS += [
+    *(_lcn_spec(_lcn_row_kernel, "fp32", MODE=m, ACROSS=a) for m in range(4) for a in (0, 1)),
+    *(_lcn_spec(_lcn_row_kernel, dt, MODE=1, ACROSS=0) for dt in ("bf16", "fp64")),
+    _lcn_spec(_lcn_row_kernel, "fp32", "wide", MODE=1, ACROSS=0),
+    *(_lcn_spec(_lcn_col_kernel, "fp32", NORM=nm, SQRT=sq) for nm, sq in ((1, 0), (1, 1), (0, 0))),
+    _lcn_spec(_lcn_col_kernel, "fp64", NORM=1, SQRT=1),
+    *(_lcn_spec(_lcn_mean_kernel, dt) for dt in ("fp32", "fp64")),
+    *(_lcn_spec(_lcn_out_kernel, "fp32", ACROSS=a, LECUN=lc) for a in (0, 1) for lc in (0, 1)),
+    *(_lcn_spec(k, "fp32", ACROSS=a, LECUN=a) for k in (_lcn_bwd_gs_kernel, _lcn_bwd_gv_kernel) for a in (0, 1)),
+    *(_lcn_spec(k, dt, ACROSS=0, LECUN=1) for k in (_lcn_out_kernel, _lcn_bwd_gs_kernel, _lcn_bwd_gv_kernel)
+      for dt in ("bf16", "fp64")),
+    *(_lcn_spec(_lcn_bwd_out_kernel, dt, ACROSS=a) for dt, a in (("fp32", 0), ("fp32", 1), ("bf16", 0))),
+    _lcn_spec(_lcn_out_kernel, "fp32", "wide", ACROSS=0, LECUN=0),
 ]

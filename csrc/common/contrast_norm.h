@@ -1,11 +1,14 @@
-// Per-example math of global contrast normalization, shared by the CPU and CUDA kernels. See
-// dlkernels/reference/contrast_norm.py for the formulas; here the per-example coefficients:
+// Per-element math of contrast normalization, shared by the CPU and CUDA kernels. See
+// dlkernels/reference/contrast_norm.py for the formulas.
+//
+// Global (GCN), per example: the coefficients
 // y = (x - a) * inv, and the backward
 // grad_input = inv * (g - mean(g)) - (x - b) * w * sum(g * (x - a)), where a is the subtracted
 // mean (0 without subtract_mean) and b the centre of the sum of squares (gcn_centre).
 #pragma once
 #include <cmath>
 
+#include "codes.h"
 #include "macros.h"
 
 namespace dlk {
@@ -46,6 +49,27 @@ DLK_HD GcnCoef<T> gcn_coef(int style, T m, T m2, T scale, T lam, T eps) {
   if (s == T(0)) return {T(0), T(0)};
   const T inv = scale / s;
   return {inv, inv / (d * s * s)};
+}
+
+// Local (LCN), per location: the divisor d = max(eps, s) (local) or max(eps, max(c, s)) (lecun; c
+// the plane's mean of s); inv = 1/d (0 where d = 0: eps = 0 and s = 0, where v = 0 too, so the
+// output is 0, not 0/0). on_s / on_c: the divisor is s / c, not eps (where the gradient flows).
+// NaN stays in the s branch (NaN out); at a tie of s and c the divisor is s.
+template <typename T>
+struct LcnCoef {
+  T inv;
+  bool on_s, on_c;
+};
+
+// (| and & rather than || and &&: no short-circuit branches, so the CPU loops using it vectorize.)
+template <typename T>
+DLK_HD LcnCoef<T> lcn_coef(T s, T c, T eps, bool lecun) {
+  const bool swin = !lecun | !(s < c);
+  const T t = swin ? s : c;
+  const bool smooth = !(t <= eps);
+  const T d = smooth ? t : eps;
+  const T inv = T(1) / d;
+  return {d == T(0) ? T(0) : inv, bool(smooth & swin), bool(smooth & !swin)};
 }
 
 }  // namespace dlk

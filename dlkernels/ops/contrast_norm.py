@@ -1,4 +1,4 @@
-"""Custom ops of the contrast_norm family: global contrast normalization (GCN).
+"""Custom ops of the contrast_norm family: global (GCN) and local (LCN) contrast normalization.
 
 - ``global_contrast_norm(x, scale, lam, eps, style, subtract_mean) -> (y, stats)``: per-example
   statistics (one read of x) and the normalize pass (one read, one write); autograd. Example i is
@@ -6,7 +6,12 @@
 - ``global_contrast_norm_backward(grad, x, stats, subtract_mean) -> grad_input``: one reduction
   pass over (grad, x) for the two per-example sums, one elementwise pass.
 
-Layouts: ``dims=None`` on a tensor whose examples are dense blocks (contiguous, channels_last) is
+- ``local_contrast_norm(x, kernel_size, sigma, eps, divisor, across_channels) -> y``: NCHW x,
+  contiguous or channels_last (anything else is copied to contiguous here); autograd saves only x.
+- ``local_contrast_norm_backward(grad, x, kernel_size, sigma, eps, divisor, across_channels) ->
+  grad_input``: recomputes the local statistics from x, then the adjoint passes.
+
+GCN layouts: ``dims=None`` on a tensor whose examples are dense blocks (contiguous, channels_last) is
 the fast path, run in place in memory and returning the input's layout. Any other layout, and
 any other ``dims``, is brought to that form here, in the ops layer, by permuting the reduced dims
 last and reshaping to a contiguous (N, M) (a copy unless that is a view), then back.
@@ -25,10 +30,10 @@ from dlkernels._backend import impl, use_backend
 from dlkernels._dtypes import FLOAT_DTYPES, compute_dtype
 from dlkernels.ops import _checks
 from dlkernels.ops._op import custom_op
-from dlkernels.reference.contrast_norm import STYLES, blocked
+from dlkernels.reference.contrast_norm import DIVISORS, STYLES, blocked, lcn_layout
 
 _FAMILY = "contrast_norm"
-FUNCTIONAL = ("global_contrast_norm",)
+FUNCTIONAL = ("global_contrast_norm", "local_contrast_norm")
 
 
 def _like_kernel(x: Tensor) -> Tensor:
@@ -76,15 +81,15 @@ _gcn.register_autograd(_backward, setup_context=_setup)
 
 # ---- the functional form ----
 
-def _number(name: str, position: int, value: object, nonnegative: bool) -> float:
+def _number(name: str, position: int, value: object, nonnegative: bool, fn: str = "global_contrast_norm") -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise TypeError(f"global_contrast_norm(): argument '{name}' (position {position}) must be a real number, "
+        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be a real number, "
                         f"not {type(value).__name__}")
-    v = _checks.number_arg("global_contrast_norm", name, position, value)
+    v = _checks.number_arg(fn, name, position, value)
     if v != v or abs(v) == math.inf:  # not math.isfinite: dynamo cannot trace it
-        raise ValueError(f"global_contrast_norm(): argument '{name}' must be finite, got {v}")
+        raise ValueError(f"{fn}(): argument '{name}' must be finite, got {v}")
     if nonnegative and v < 0:
-        raise ValueError(f"global_contrast_norm(): argument '{name}' must be >= 0, got {v}")
+        raise ValueError(f"{fn}(): argument '{name}' must be >= 0, got {v}")
     return v
 
 
@@ -177,10 +182,108 @@ def global_contrast_norm(input: Tensor, scale: float = 1.0, lam: float = 0.0, ep
     return y2.reshape(xp.shape).permute(inverse)
 
 
+# ---- local contrast normalization ----
+
+def _lcn_like(x: Tensor) -> Tensor:
+    # what the kernels return: x's layout when contiguous or channels_last, else contiguous
+    return torch.empty_like(x) if lcn_layout(x) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@custom_op("dlkernels::local_contrast_norm", mutates_args=())
+def _lcn(x: Tensor, kernel_size: int, sigma: float, eps: float, divisor: str, across_channels: bool) -> Tensor:
+    return impl(_FAMILY, "local_contrast_norm", x.device)(x, kernel_size, sigma, eps, divisor, across_channels)
+
+
+@_lcn.register_fake
+def _(x, kernel_size, sigma, eps, divisor, across_channels):
+    return _lcn_like(x)
+
+
+@custom_op("dlkernels::local_contrast_norm_backward", mutates_args=())
+def _lcn_backward(grad: Tensor, x: Tensor, kernel_size: int, sigma: float, eps: float, divisor: str,
+                  across_channels: bool) -> Tensor:
+    return impl(_FAMILY, "local_contrast_norm_backward", x.device)(grad, x, kernel_size, sigma, eps, divisor,
+                                                                    across_channels)
+
+
+@_lcn_backward.register_fake
+def _(grad, x, kernel_size, sigma, eps, divisor, across_channels):
+    return _lcn_like(x)
+
+
+def _lcn_setup(ctx, inputs, output) -> None:
+    # only x: the backward recomputes the local mean and deviation (see reference.contrast_norm)
+    ctx.save_for_backward(inputs[0])
+    ctx.args = tuple(inputs[1:])
+
+
+def _lcn_bwd(ctx, grad: Tensor):
+    (x,) = ctx.saved_tensors
+    return _lcn_backward(grad, x, *ctx.args), None, None, None, None, None
+
+
+_lcn.register_autograd(_lcn_bwd, setup_context=_lcn_setup)
+
+
+def local_contrast_norm(input: Tensor, kernel_size: int = 9, sigma: float = 2.0, eps: float = 1e-4, *,
+                        divisor: str = "local", across_channels: bool = False) -> Tensor:
+    """Local contrast normalization of NCHW ``input`` with a normalized Gaussian window G of odd
+    size ``kernel_size`` and standard deviation ``sigma`` (in pixels; 0: a one-pixel window)::
+
+        v = x - G * x
+        s = sqrt(G * v^2)
+        y = v / max(eps, s)                                divisor="local"
+        y = v / max(eps, max(mean of s over the image, s)) divisor="lecun"
+
+    G is applied to each (H, W) plane with zero padding and renormalized by the weight that falls
+    inside the image (so the window is a weighted mean everywhere and a constant image gives
+    zeros), as two separable 1-D passes; the window may be larger than the image. With
+    ``across_channels=True`` the local mean and variance are also taken over all channels of the
+    example (each channel weighted 1/C), so the channels at a location share them, and lecun's
+    mean of s is per example instead of per (example, channel).
+
+    ``divisor="lecun"`` is the divisor of Jarrett, Kavukcuoglu, Ranzato and LeCun (2009), and the
+    method of pylearn2's ``LeCunLCN``, which it does **not** reproduce: pylearn2 divides by
+    a window over the raw ``x^2`` (not the centred ``v^2``), crops a 'full' convolution without
+    renormalizing the border (the image's border is pulled towards 0), and, through a ``return``
+    inside its channel loop, normalizes only the first channel. dlkernels follows the definition
+    above (the Deep Learning book's, sec. 12.2.1.1) instead: each of those three is a departure
+    from it, and the last is a bug (details: docs/contrast_norm.md).
+
+    Where max() picks eps, no gradient flows through s there (where it picks lecun's mean, the
+    gradient goes to the mean, so to every s of the image); at a tie of s and the mean, to s; with
+    ``eps=0`` a flat neighbourhood (s = 0, so v = 0) gives 0, not 0/0. Float16/bfloat16 compute in
+    float32, float64 in float64. Contiguous and channels_last input keep their layout.
+    """
+    fn = "local_contrast_norm"
+    _checks.tensor_arg(fn, "input", 1, input)
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}(): argument 'input' must be a float32, float64, float16 or bfloat16 tensor, got "
+                        f"{input.dtype} (convert it with .float(); dlkernels.nn.LocalContrastNorm converts integer "
+                        "images)")
+    if input.dim() != 4:
+        raise ValueError(f"{fn}(): argument 'input' must be 4-d (N, C, H, W), got a {input.dim()}-d tensor "
+                         "(dlkernels.nn.LocalContrastNorm also takes one (C, H, W) image)")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
+        raise TypeError(f"{fn}(): argument 'kernel_size' (position 2) must be an int, not {type(kernel_size).__name__}")
+    kernel_size = int(kernel_size)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{fn}(): argument 'kernel_size' must be odd and >= 1, got {kernel_size}")
+    sigma = _number("sigma", 3, sigma, nonnegative=True, fn=fn)
+    eps = _number("eps", 4, eps, nonnegative=True, fn=fn)
+    if not isinstance(divisor, str) or divisor not in DIVISORS:
+        raise ValueError(f"{fn}(): argument 'divisor' must be one of {DIVISORS}, got {divisor!r}")
+    if not isinstance(across_channels, bool):
+        raise TypeError(f"{fn}(): argument 'across_channels' must be a bool, got {type(across_channels).__name__}")
+    x = input if lcn_layout(input) else input.contiguous()
+    return _lcn(x, kernel_size, sigma, eps, divisor, across_channels)
+
+
 # ---- `python -m dlkernels` ----
 
 def self_check(device: torch.device) -> float:
-    """Max abs difference to the reference over GCN forward and backward, every style."""
+    """Max abs difference to the reference over GCN (every style) and LCN (both divisors, per
+    channel and across), forward and backward."""
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 5, 7, 11, generator=gen) * 2 + 1).to(device)
     g = torch.randn(x.shape, generator=gen).to(device)
@@ -196,6 +299,10 @@ def self_check(device: torch.device) -> float:
         xr = x.to(memory_format=torch.channels_last).requires_grad_()
         y = global_contrast_norm(xr, dims=(1, 3))
         out += [y, *torch.autograd.grad(y, xr, g)]
+        for divisor, across, xl in (("local", False, x), ("lecun", True, x.to(memory_format=torch.channels_last))):
+            xr = xl.clone().requires_grad_()
+            y = local_contrast_norm(xr, 5, 1.5, 1e-4, divisor=divisor, across_channels=across)
+            out += [y, *torch.autograd.grad(y, xr, g)]
         return out
 
     got = run()
