@@ -32,8 +32,8 @@ Choices (where they differ from the first design notes, why):
   would run twice); ``RewrittenForward`` deep-copies and pickles (``torch.save(model)``) correctly.
 - An already fused model (anything fuse put there: a module marked by fuse, a FusedActivation, a
   RewrittenForward) raises ValueError; dlkernels modules the user built are left as they are.
-- The Dropout after a chain is swapped 1:1 (BatchNormAct has no dropout yet); ``_absorb_dropout`` is the
-  one place to change when it has.
+- The Dropout after a chain is swapped 1:1: absorbing it into BatchNormAct(dropout=p), which exists now,
+  is not done yet; ``_absorb_dropout`` is the one place to change.
 - Tracing treats subclasses of torch.nn modules as leaves too (fx would trace into a user's BatchNorm2d
   subclass, whose input check stops the trace); they are not fused anyway. SyncBatchNorm has its 1:1
   twin as well; it starts no chain.
@@ -612,9 +612,9 @@ def _install_forward(rw: _Rewrite, undo: Undo) -> None:
 
 def _absorb_dropout(chain: _Chain, path: str) -> str:
     """The one place where a Dropout right after a chain would go into the BatchNormAct (``dropout=p``, then
-    a FusedActivation at its path). BatchNormAct(dropout != 0) raises NotImplementedError today, so it keeps
-    its own module (swapped 1:1 with the others); returns what happened, for verbose."""
-    return f"right after the chain at {chain.path}: BatchNormAct has no dropout yet, so it stays a module of its own"
+    a FusedActivation at its path). Not done yet: it keeps its own module (swapped 1:1 with the others);
+    returns what happened, for verbose."""
+    return f"right after the chain at {chain.path}: not absorbed into the BatchNormAct yet, a module of its own"
 
 
 def _apply(plan: _Plan, undo: Undo) -> list[tuple[str, str, str]]:

@@ -4,7 +4,8 @@
     leaky_relu(input, negative_slope=0.01, inplace=False)    prelu(input, weight)
     batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5)
-    batch_norm_act(..., activation="leaky_relu", negative_slope=0.01, prelu_weight=None)
+    batch_norm_act(..., activation="leaky_relu", negative_slope=0.01, prelu_weight=None, dropout=0.0, *,
+                   generator=None, seed=None)
 """
 
 from __future__ import annotations

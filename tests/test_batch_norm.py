@@ -217,8 +217,8 @@ def test_bad_input_raises_like_torch(name, call):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="activation"):
         dnn.BatchNormAct2d(3, activation="gelu")
-    with pytest.raises(NotImplementedError, match="dropout"):
-        dnn.BatchNormAct2d(3, dropout=0.1)
+    with pytest.raises(ValueError, match="dropout probability"):  # torch.nn.Dropout's message
+        dnn.BatchNormAct2d(3, dropout=1.1)
     with pytest.raises(ValueError, match="prelu_parameters"):
         dnn.BatchNormAct2d(3, activation="prelu", prelu_parameters=2)
 

@@ -19,7 +19,8 @@ from dlkernels.ops import FAMILIES
 HERE = Path(__file__).resolve().parent
 # The backend-parametrized comparisons with torch and the reference (ids carry "cpu"), plus the
 # build test, which checks that the forced level is the one in use.
-FILES = [f"test_{family}.py" for family in FAMILIES if (HERE / f"test_{family}.py").exists()] + ["test_build.py"]
+FILES = [f"test_{family}.py" for family in FAMILIES if (HERE / f"test_{family}.py").exists()] + [
+    "test_batch_norm_dropout.py", "test_build.py"]
 SELECT = "cpu and not compile"
 
 
@@ -70,6 +71,9 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             rm, rv = torch.randn(c, generator=g).to(pdt), torch.rand(c, generator=g).to(pdt) + 0.5
             run(f"bn eval {shape} {cl} {act} {dt}", lambda x, w, b, p, act=act, rm=rm, rv=rv: F.batch_norm_act(
                 x, rm, rv, w, b, training=False, activation=act, prelu_weight=p), xb, wb, bb, p)
+            run(f"bn dropout {shape} {cl} {act} {dt}", lambda x, w, b, p, act=act: F.batch_norm_act(
+                x, None, None, w, b, training=True, activation=act, negative_slope=0.1, prelu_weight=p,
+                dropout=0.3, seed=11), xb, wb, bb, p)
 for cls, kw in ((optim.FusedAdamW, dict(lr=1e-2, weight_decay=0.1, max_grad_norm=0.5)),
                 (optim.FusedRMSprop, dict(lr=1e-2, momentum=0.9, centered=True, clip_value=0.3))):
     ps = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1, 37, 1000)]

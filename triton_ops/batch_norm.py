@@ -12,6 +12,12 @@ contiguous stretch of channels, so reductions read memory coalesced in both layo
 Reductions write partials [k, C, SPLIT] that torch combines (tiny tensors): a fixed order, no
 atomics, deterministic. Statistics keep per-lane Welford moments, merged with Chan's formula.
 Math runs in float32 for float16/bfloat16/float32 and in float64 for float64.
+
+Dropout after the activation (DROP, docs/dropout.md): each element maps its memory offset to
+its logical index (triton_ops/dropout.py's index map: NDIM = 0 when memory order is row-major)
+and evaluates the Philox of that index, keeping one of the four words. The forward stores
+``round(round(act(z)) * m)``, bit for bit the dropout kernels applied to the stored y; the
+backward passes regenerate the mask and use ``grad * m``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ from dlkernels.reference.batch_norm import (
 
 from ._aot import AotSpec
 from ._common import dense, divider, fast_divmod, like, on_device
+from .dropout import (
+    _MAXD,
+    _element_words,
+    _index_map,
+    _logical,
+    _map_args,
+    _multiplier,
+    _round_to,
+    _seed_args,
+    _threshold_arg,
+    _u32,
+    dropout,
+)
 
 # the codes as compile-time constants of the kernels (dlkernels/codes.py)
 _NONE: tl.constexpr = tl.constexpr(ACT_NONE)
@@ -100,6 +119,17 @@ def _act_bwd(g, z, sl, ACT: tl.constexpr):
 
 
 @triton.jit
+def _drop_mult(offs, k0, k1, thr, scale, s0, s1, s2, w0, w1, w2, w3, acc_ty: tl.constexpr, NDIM: tl.constexpr,
+               WIDE: tl.constexpr):  # fmt: skip
+    # the dropout multiplier of each memory offset: the word of its logical index against thr
+    if NDIM == 0:  # memory order is row-major order
+        i = offs
+    else:
+        i = _logical(offs, s0, s1, s2, w0, w1, w2, w3, NDIM)
+    return _multiplier(_element_words(i, _u32(k0), _u32(k1), WIDE), thr, scale, acc_ty)
+
+
+@triton.jit
 def _chan(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     # Chan et al.'s merge of (mean, M2, count); n_b / max(n, 1) is 0 when both are empty
     n = n_a + n_b
@@ -151,11 +181,18 @@ def _stats_kernel(
     tl.store(part_ptr + 3 * plane + base, tl.sum(bad.to(f64), 0), mask=cm)
 
 
-# `slope` is annotated fp64 so float64 inputs see the exact slope (see activation.py).
-@triton.jit
+# `slope` and the dropout `scale` are annotated fp64 so the kernels see the exact values (see
+# activation.py); the seed halves and the threshold are uint32 bit patterns in int32 arguments,
+# never specialized (one compilation for every seed).
+_NO_SPECIALIZE = ["k0", "k1", "thr"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(
     x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, m, C, inner, inner_m, inner_s, slope: tl.float64,
+    k0, k1, thr, scale: tl.float64, s0, s1, s2, w0, w1, w2, w3,
     ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+    DROP: tl.constexpr, NDIM: tl.constexpr,
 ):  # fmt: skip
     cols, s, split = _program(BLOCK_C, WIDE)
     acc_ty = mean_ptr.dtype.element_ty
@@ -167,14 +204,21 @@ def _fwd_kernel(
         x = tl.load(x_ptr + offs, mask=mask).to(acc_ty)
         # the reference's order, (x - mean) first: exact for inputs with a large mean
         z = (x - mean) * invstd * w + b
-        tl.store(y_ptr + offs, _act_fwd(z, sl, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+        y = _act_fwd(z, sl, ACT)
+        if DROP:  # y as stored without dropout, then the dropout kernels' product and rounding
+            y = y.to(y_ptr.dtype.element_ty).to(acc_ty)
+            y *= _drop_mult(offs, k0, k1, thr, scale, s0, s1, s2, w0, w1, w2, w3, acc_ty, NDIM, WIDE)
+            tl.store(y_ptr + offs, _round_to(y, y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_reduce_kernel(
     g_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, part_ptr, m, C, inner, inner_m, inner_s,
-    slope: tl.float64,
+    slope: tl.float64, k0, k1, thr, scale: tl.float64, s0, s1, s2, w0, w1, w2, w3,
     ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+    DROP: tl.constexpr, NDIM: tl.constexpr,
 ):  # fmt: skip
     # part: [3, C, SPLIT] of (sum dz, sum dz * xhat, PReLU slope gradient)
     cols, s, split = _program(BLOCK_C, WIDE)
@@ -189,6 +233,8 @@ def _bwd_reduce_kernel(
         offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
         x = tl.load(x_ptr + offs, mask=mask, other=0).to(acc_ty)
         g = tl.load(g_ptr + offs, mask=mask, other=0).to(acc_ty)
+        if DROP:  # dL/dy * m, the mask regenerated
+            g *= _drop_mult(offs, k0, k1, thr, scale, s0, s1, s2, w0, w1, w2, w3, acc_ty, NDIM, WIDE)
         xhat = (x - mean) * invstd
         z = xhat * w + b
         dz = _act_bwd(g, z, sl, ACT)
@@ -206,11 +252,12 @@ def _bwd_reduce_kernel(
         tl.store(part_ptr + 2 * plane + base, tl.sum(s_pw, 0), mask=cm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_elemt_kernel(
     g_ptr, x_ptr, gi_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, a_ptr, q_ptr, m, C, inner, inner_m, inner_s,
-    slope: tl.float64,
+    slope: tl.float64, k0, k1, thr, scale: tl.float64, s0, s1, s2, w0, w1, w2, w3,
     ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr, WIDE: tl.constexpr,
+    DROP: tl.constexpr, NDIM: tl.constexpr,
 ):  # fmt: skip
     # a = sum_dz / count, q = sum_dz_xhat / count (per channel)
     cols, s, split = _program(BLOCK_C, WIDE)
@@ -224,6 +271,8 @@ def _bwd_elemt_kernel(
         offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
         x = tl.load(x_ptr + offs, mask=mask).to(acc_ty)
         g = tl.load(g_ptr + offs, mask=mask).to(acc_ty)
+        if DROP:
+            g *= _drop_mult(offs, k0, k1, thr, scale, s0, s1, s2, w0, w1, w2, w3, acc_ty, NDIM, WIDE)
         xhat = (x - mean) * invstd
         dz = _act_bwd(g, xhat * w + b, sl, ACT)
         stat = tl.where(q == 0, 0.0, xhat * q)  # 0 in eval even at an infinite x (not 0 * inf), as torch
@@ -239,6 +288,29 @@ def _cvec(t: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
     if t is None:
         return torch.full((c,), fill, dtype=compute_dtype(x), device=x.device)
     return t.to(compute_dtype(x)).reshape(-1).expand(c).contiguous()
+
+
+# The dropout arguments of a launch without dropout (unused: DROP is off).
+_NO_DROP: tuple[tuple, dict] = ((0, 0, 0, 1.0, 1, 1, 1, 0, 0, 0, 0), {"DROP": False, "NDIM": 0})
+
+
+def _drop_args(xd: torch.Tensor, p: float, seed: int) -> tuple[tuple, dict]:
+    """(runtime arguments, constexprs) of dropout p after the activation over dense xd (p = 0: none):
+    seed halves, threshold, scale and xd's index map (docs/dropout.md)."""
+    if p == 0:
+        return _NO_DROP
+    thr = _threshold_arg(p)
+    margs, ndim = _map_args(_index_map(xd, False))
+    return (*_seed_args(seed), thr, 1.0 / (1.0 - p), *margs), {"DROP": True, "NDIM": ndim}
+
+
+def _separate_dropout(xd: torch.Tensor, p: float) -> bool:
+    """Dropout on a layout of more coalesced dims than the kernels' index map takes (a permuted
+    tensor of 5+ dims) runs as the dropout family's pass of its own, which handles any layout: on
+    the output (forward) or on grad (backward; fp16/bf16 grad * m then rounds to the storage type).
+    Batch norm itself runs on x's layout as without dropout: the forward stays bit for bit
+    dropout(batch_norm_act(x))."""
+    return p != 0 and len(_index_map(xd, False)) > _MAXD
 
 
 def _geometry(xd: torch.Tensor) -> tuple[tuple[int, int], tuple[int, ...], dict]:
@@ -290,19 +362,25 @@ def batch_norm_act_forward(
     prelu_weight: torch.Tensor | None,
     act: int,
     slope: float,
+    p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """y = act((x - mean) * invstd * weight + bias), laid out as empty_like(x), in x's dtype."""
+    """y = act((x - mean) * invstd * weight + bias), laid out as empty_like(x), in x's dtype; then,
+    for p > 0, dropout of y (bit for bit triton_ops.dropout.dropout of the y above)."""
     if x.numel() == 0:
         return torch.empty_like(x)
     xd = dense(x)
+    if _separate_dropout(xd, p):
+        return dropout(batch_norm_act_forward(xd, mean, invstd, weight, bias, prelu_weight, act, slope), p, seed, False)
     y = torch.empty_like(xd)
     grid, args, consts = _geometry(xd)
+    dargs, dconsts = _drop_args(xd, p, seed)
     pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else None
     mean_v = _cvec(mean, x, 0.0)
     with on_device(xd):
         _fwd_kernel[grid](
             xd, y, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0),
-            mean_v if pw is None else pw, *args, float(slope), ACT=int(act), **consts,
+            mean_v if pw is None else pw, *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts,
         )  # fmt: skip
     return y
 
@@ -317,24 +395,31 @@ def batch_norm_act_backward_reduce(
     prelu_weight: torch.Tensor | None,
     act: int,
     slope: float,
+    p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum_dz, sum_dz_xhat, grad_prelu) in one pass; dz = act'(z) * grad with z recomputed.
-    grad_prelu has prelu_weight's shape and dtype, or is an empty float tensor unless act is prelu."""
+    """(sum_dz, sum_dz_xhat, grad_prelu) in one pass; dz = act'(z) * grad with z recomputed (grad * m
+    for p > 0). grad_prelu has prelu_weight's shape and dtype, or is an empty float tensor unless act
+    is prelu."""
     acc, c = compute_dtype(x), x.shape[1]
     prelu = act == ACT_PRELU
     if x.numel() == 0:
         sums = torch.zeros((3, c), dtype=acc, device=x.device)
+    elif _separate_dropout(dense(x), p):
+        return batch_norm_act_backward_reduce(dropout(grad, p, seed, False), x, mean, invstd, weight, bias,
+                                              prelu_weight, act, slope)
     else:
         xd = dense(x)
         gd = like(grad, xd)
         grid, args, consts = _geometry(xd)
+        dargs, dconsts = _drop_args(xd, p, seed)
         part = (torch.zeros if prelu else torch.empty)((3, c, grid[1]), dtype=acc, device=x.device)
         mean_v = _cvec(mean, x, 0.0)
         pw = _cvec(prelu_weight, x, 0.25) if prelu else mean_v
         with on_device(xd):
             _bwd_reduce_kernel[grid](
                 gd, xd, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, part,
-                *args, float(slope), ACT=int(act), **consts,
+                *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts,
             )  # fmt: skip
         sums = part.sum(2)
     if prelu:
@@ -358,24 +443,30 @@ def batch_norm_act_backward_elemt(
     count: int,
     act: int,
     slope: float,
+    p: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """grad_input = weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)."""
+    """grad_input = weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count), dz from
+    grad * m for p > 0."""
     if x.numel() == 0:
         return torch.empty_like(x)
     xd = dense(x)
+    if _separate_dropout(xd, p):
+        return batch_norm_act_backward_elemt(dropout(grad, p, seed, False), xd, mean, invstd, weight, bias,
+                                             prelu_weight, sum_dz, sum_dz_xhat, count, act, slope)
     gd = like(grad, xd)
     gi = torch.empty_like(xd)
     grid, args, consts = _geometry(xd)
+    dargs, dconsts = _drop_args(xd, p, seed)
     mean_v = _cvec(mean, x, 0.0)
     pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else mean_v
     a, q = _cvec(sum_dz, x, 0.0) / count, _cvec(sum_dz_xhat, x, 0.0) / count
     with on_device(xd):
         _bwd_elemt_kernel[grid](
             gd, xd, gi, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, a, q,
-            *args, float(slope), ACT=int(act), **consts,
+            *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts,
         )  # fmt: skip
     return gi
-
 
 
 batch_norm_act_train = compose_train(batch_norm_stats, batch_norm_act_forward)
@@ -388,17 +479,28 @@ _LAYOUTS = {
     "cl": ({"BLOCK_P": BLOCK // _MAX_BLOCK_C, "BLOCK_C": _MAX_BLOCK_C, "CL": 1}, {"inner": 1, "inner_m": 1}),
 }
 _DATA_PTRS = ("x_ptr", "y_ptr", "g_ptr", "gi_ptr")
+# Dropout variants: none (the map's sizes passed as 1, the JIT's constants), memory order
+# row-major (NCHW: the logical index is the offset), channels_last (three coalesced dims; s2 and
+# the weight-1 dim's w1 as the host passes them for NCHW-shaped 4-D input).
+_DROPS = {
+    None: {"DROP": 0, "NDIM": 0, "s0": 1, "s1": 1, "s2": 1},
+    "flat": {"DROP": 1, "NDIM": 0, "s0": 1, "s1": 1, "s2": 1},
+    "cl": {"DROP": 1, "NDIM": 3, "s2": 1, "w1": 1},
+}
 
 
-def _spec(kernel, dt: str, layout: str, act: int | None = None, wide: bool = False) -> AotSpec:
+def _spec(kernel, dt: str, layout: str, act: int | None = None, wide: bool = False, drop: str | None = None) -> AotSpec:
     # Types by naming convention: x/y/g/gi pointers are dt, other pointers (per-channel values,
-    # partials) the accumulation type; slope fp64; m divisible by 16 (i64 when wide); ints i32.
+    # partials) the accumulation type; slope and scale fp64; m divisible by 16 (i64 when wide);
+    # ints i32 (the seed halves and threshold too: uint32 bit patterns).
     consts = {**_LAYOUTS[layout][0], "WIDE": int(wide)}
     consts.update({k: v for k, v in _LAYOUTS[layout][1].items() if k in kernel.arg_names})
     if "ACT" in kernel.arg_names:
         consts["ACT"] = act
+    if "DROP" in kernel.arg_names:
+        consts.update(_DROPS[drop])
     acc = "fp64" if dt == "fp64" else "fp32"
-    types = {"slope": "fp64", "m": "i64:16" if wide else "i32:16"}
+    types = {"slope": "fp64", "scale": "fp64", "m": "i64:16" if wide else "i32:16"}
     if kernel is _stats_kernel:
         types["part_ptr"] = "*fp64:16"  # merged in float64, see the kernel
     sig = {
@@ -407,7 +509,8 @@ def _spec(kernel, dt: str, layout: str, act: int | None = None, wide: bool = Fal
         if a not in consts
     }
     name = kernel.__name__.strip("_").removesuffix("_kernel")
-    tags = [dt, layout, *([f"act{act}"] if act is not None else []), *(["wide"] if wide else [])]
+    tags = [dt, layout, *([f"act{act}"] if act is not None else []), *(["wide"] if wide else []),
+            *([f"drop-{drop}"] if drop else [])]
     return AotSpec(f"bn_{name}[{','.join(tags)}]", kernel, sig, consts)
 
 
@@ -428,4 +531,13 @@ AOT_SPECS: list[AotSpec] = [
     *(_spec(k, "bf16", "nchw", ACT_RELU) for k in (_fwd_kernel, _bwd_reduce_kernel, _bwd_elemt_kernel)),
     _spec(_stats_kernel, "fp32", "nchw", wide=True),
     _spec(_bwd_reduce_kernel, "fp32", "cl", ACT_LEAKY_RELU, wide=True),
+    # dropout after the activation: NCHW and channels_last, fp32 and bf16, PReLU (the largest)
+    *(
+        _spec(k, dt, layout, ACT_PRELU, drop="flat" if layout == "nchw" else "cl")
+        for dt in ("fp32", "bf16")
+        for layout in _LAYOUTS
+        for k in (_fwd_kernel, _bwd_reduce_kernel, _bwd_elemt_kernel)
+    ),
+    _spec(_fwd_kernel, "fp64", "nchw", ACT_LEAKY_RELU, drop="flat"),
+    _spec(_bwd_elemt_kernel, "fp32", "cl", ACT_LEAKY_RELU, wide=True, drop="cl"),
 ]

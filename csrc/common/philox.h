@@ -123,6 +123,21 @@ DLK_PHILOX_INLINE T dropout_multiplier(uint32_t word, uint32_t t, T scale) {
   return word >= t ? scale : T(0);
 }
 
+// One call's dropout applied after a fused op (batch norm + activation): the key, the threshold
+// and 1 / (1 - p) in float64 (each kernel rounds it once to its compute type, as
+// dropout_scale). `on` is false for p == 0 (eval, or no dropout asked for): no mask at all.
+struct DropoutArgs {
+  bool on;
+  uint32_t k0, k1, thr;
+  double scale;
+};
+
+// The arguments of dropout probability p (0 <= p < 1; callers check) under a seed (a uint64, or
+// the two's-complement bit pattern of an int64).
+DLK_PHILOX_INLINE DropoutArgs dropout_args(double p, uint64_t seed) {
+  return {p > 0.0, seed_k0(seed), seed_k1(seed), dropout_threshold(p), 1.0 / (1.0 - p)};
+}
+
 // ---- memory position -> logical index ----
 
 // A dense tensor's dims sorted by stride and coalesced, innermost first: the element at memory
@@ -144,15 +159,17 @@ DLK_PHILOX_INLINE bool is_row_major(const IndexMap& map) {
   return map.ndim == 0 || (map.ndim == 1 && map.weight[0] == 1);
 }
 
-// The logical index of memory position o (divisions per dim: the per-element paths use it).
-DLK_PHILOX_INLINE int64_t logical_index(const IndexMap& map, int64_t o) {
-  int64_t i = 0;
+// The logical index of memory position o (divisions per dim: the per-element paths use it). In
+// unsigned arithmetic (every value is >= 0): nvcc inlines the unsigned 64-bit division, where
+// the signed one is a call whose stack frame spilled registers in the batch-norm kernels.
+DLK_PHILOX_INLINE int64_t logical_index(const IndexMap& map, int64_t pos) {
+  uint64_t i = 0, o = uint64_t(pos);
   for (int d = 0; d < map.ndim - 1; ++d) {
-    const int64_t q = o / map.size[d];
-    i += (o - q * map.size[d]) * map.weight[d];
+    const uint64_t size = uint64_t(map.size[d]), q = o / size;
+    i += (o - q * size) * uint64_t(map.weight[d]);
     o = q;
   }
-  return map.ndim > 0 ? i + o * map.weight[map.ndim - 1] : 0;
+  return map.ndim > 0 ? int64_t(i + o * uint64_t(map.weight[map.ndim - 1])) : 0;
 }
 
 }  // namespace dlk

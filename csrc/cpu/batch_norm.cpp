@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../api/batch_norm.h"
+#include "../api/dropout.h"
 #include "../prep.h"
 #include "batch_norm_impl.h"
 #include "loadstore.h"
@@ -51,7 +52,7 @@ void stats_impl(const S* x, const ChannelView& v, double* mean, double* var) {
 // between the two passes stays in C++.
 template <typename S>
 void train_impl(const S* x, S* y, int64_t act, const ChannelParams& p, double eps, const ChannelView& v,
-                compute_t<S>* mean, compute_t<S>* var, compute_t<S>* invstd) {
+                compute_t<S>* mean, compute_t<S>* var, compute_t<S>* invstd, const BnDropout* d) {
   const int64_t channels = v.channels;
   std::vector<double> mu(channels), vr(channels), m(channels), is(channels);
   stats_impl(x, v, mu.data(), vr.data());
@@ -60,20 +61,21 @@ void train_impl(const S* x, S* y, int64_t act, const ChannelParams& p, double ep
     m[c] = mean[c];
     is[c] = invstd[c];
   }
-  path_ops<S>(v).forward(x, y, act, make_consts(p, m, is), v);
+  path_ops<S>(v).forward(x, y, act, make_consts(p, m, is), v, d);
 }
 
 // Backward: adds into sums[3][C] (zeros: sum dz, sum dz * xhat, PReLU slope gradient per
 // channel) and writes grad_input; eval mode (training false) treats the statistics as constants.
 template <typename S>
 void backward_impl(const S* g, const S* x, S* gi, int64_t act, const ChannelParams& p, const std::vector<double>& mean,
-                   const std::vector<double>& invstd, bool training, const ChannelView& v, double* sums) {
+                   const std::vector<double>& invstd, bool training, const ChannelView& v, double* sums,
+                   const BnDropout* d) {
   const int64_t channels = v.channels;
   const double count = double(std::max<int64_t>(1, v.outer * v.inner));
   const Ks ks = make_consts(p, mean, invstd);
   const PathOps<S> ops = path_ops<S>(v);
-  ops.reduce(g, x, act, ks, v, sums);
-  ops.elemt(g, x, gi, act, training ? make_consts(p, mean, invstd, sums, sums + channels, count) : ks, v);
+  ops.reduce(g, x, act, ks, v, sums, d);
+  ops.elemt(g, x, gi, act, training ? make_consts(p, mean, invstd, sums, sums + channels, count) : ks, v, d);
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -112,6 +114,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_grads(const at::Tensor& s
           (prelu_w->numel() == 1 ? per_channel.sum() : per_channel).to(prelu_w->scalar_type()).reshape(prelu_w->sizes())};
 }
 
+// Dropout after the activation (p > 0), or none: the stream over xd's memory positions.
+std::optional<BnDropout> make_dropout(const at::Tensor& xd, double p, int64_t seed) {
+  if (p == 0.0) return std::nullopt;
+  check_dropout_p(p);
+  return BnDropout{dropout_args(p, uint64_t(seed)), make_stream(xd, seed, false)};
+}
+
+const BnDropout* ptr(const std::optional<BnDropout>& d) { return d ? &*d : nullptr; }
+
+// Under dropout, a layout of more coalesced dims than the stream's index map takes (rare: a
+// permuted tensor of 9+ dims) runs the dropout family's kernel as a pass of its own, which
+// handles such layouts: on the output (forward), or on grad (backward; fp16/bf16 grad * m is
+// then rounded to the storage type once). Batch norm itself runs on x's layout as without
+// dropout, so the forward stays bit for bit dropout(batch_norm_act(x)).
+bool separate_dropout(const at::Tensor& xd, double p) {
+  return p != 0.0 && make_index_map(xd, false).ndim > kIndexMapMaxDims;
+}
+
 #define DLK_DISPATCH_BN(x, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), NAME, __VA_ARGS__)
 
@@ -137,39 +157,49 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
 
 at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                   const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-                                  const std::optional<at::Tensor>& prelu_w, int64_t act, double slope) {
+                                  const std::optional<at::Tensor>& prelu_w, int64_t act, double slope, double p,
+                                  int64_t seed) {
   check_cpu(x, "input");
   check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor xd = dense(x);
+  if (separate_dropout(xd, p))
+    return dropout(batch_norm_act_forward(xd, mean, invstd, w, b, prelu_w, act, slope, 0.0, 0), p, seed, false);
+  const std::optional<BnDropout> drop = make_dropout(xd, p, seed);
   at::Tensor y = new_output(xd);
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   DLK_DISPATCH_BN(x, "batch_norm_act_forward", [&] {
     if (xd.numel() == 0) return;
     const ChannelView v = channel_view(xd, xd.size(1));
-    path_ops<scalar_t>(v).forward(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, v);
+    path_ops<scalar_t>(v).forward(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, v,
+                                  ptr(drop));
   });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
     const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope) {
+    const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope, double p, int64_t seed) {
   check_cpu(x, "input");
   check_batch_norm_params(x, w, b, prelu_w, act);
   const at::Tensor xd = dense(x);
+  if (separate_dropout(xd, p)) {
+    auto [y, mean, invstd, var] = batch_norm_act_train(xd, w, b, prelu_w, eps, act, slope, 0.0, 0);
+    return {dropout(y, p, seed, false), mean, invstd, var};
+  }
+  const std::optional<BnDropout> drop = make_dropout(xd, p, seed);
   const int64_t channels = xd.size(1);
   at::Tensor y = new_output(xd);
   const auto opts = xd.options().dtype(acc_type(x));
   at::Tensor mean = at::empty({channels}, opts), var = at::empty({channels}, opts), invstd = at::empty({channels}, opts);
-  const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
+  const ChannelParams cp = channel_params(xd, w, b, prelu_w, act, slope);
   DLK_DISPATCH_BN(x, "batch_norm_act_train", [&] {
     using C = compute_t<scalar_t>;
     if (xd.numel() == 0) {
       mean.fill_(NAN), var.fill_(NAN), invstd.fill_(NAN);
       return;
     }
-    train_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, p, eps, channel_view(xd, channels),
-               mean.mutable_data_ptr<C>(), var.mutable_data_ptr<C>(), invstd.mutable_data_ptr<C>());
+    train_impl(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, cp, eps, channel_view(xd, channels),
+               mean.mutable_data_ptr<C>(), var.mutable_data_ptr<C>(), invstd.mutable_data_ptr<C>(), ptr(drop));
   });
   return {y, mean, invstd, var};
 }
@@ -177,16 +207,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
-    int64_t act, double slope) {
+    int64_t act, double slope, double p, int64_t seed) {
   const BackwardInputs in = backward_inputs(grad, x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor &xd = in.x, &gd = in.grad;
+  if (separate_dropout(xd, p))
+    return batch_norm_act_backward_reduce(dropout(gd, p, seed, false), xd, mean, invstd, w, b, prelu_w, act, slope,
+                                          0.0, 0);
+  const std::optional<BnDropout> drop = make_dropout(xd, p, seed);
   const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
   at::Tensor sums = at::zeros({3, xd.size(1)}, xd.options().dtype(at::kDouble));
   DLK_DISPATCH_BN(x, "batch_norm_act_backward_reduce", [&] {
     if (xd.numel() == 0) return;
     const ChannelView v = channel_view(xd, xd.size(1));
     path_ops<scalar_t>(v).reduce(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), act, ks, v,
-                                 sums.mutable_data_ptr<double>());
+                                 sums.mutable_data_ptr<double>(), ptr(drop));
   });
   return channel_grads(sums, xd, prelu_w, act);
 }
@@ -195,9 +229,14 @@ at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& invstd, const std::optional<at::Tensor>& w,
                                          const std::optional<at::Tensor>& b,
                                          const std::optional<at::Tensor>& prelu_w, const at::Tensor& sum_dz,
-                                         const at::Tensor& sum_dz_xhat, int64_t count, int64_t act, double slope) {
+                                         const at::Tensor& sum_dz_xhat, int64_t count, int64_t act, double slope,
+                                         double p, int64_t seed) {
   const BackwardInputs in = backward_inputs(grad, x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor &xd = in.x, &gd = in.grad;
+  if (separate_dropout(xd, p))
+    return batch_norm_act_backward_elemt(dropout(gd, p, seed, false), xd, mean, invstd, w, b, prelu_w, sum_dz,
+                                         sum_dz_xhat, count, act, slope, 0.0, 0);
+  const std::optional<BnDropout> drop = make_dropout(xd, p, seed);
   check_channel_tensor(sum_dz, x, "sum_dz");
   check_channel_tensor(sum_dz_xhat, x, "sum_dz_xhat");
   TORCH_CHECK(count > 0, "dlkernels batch_norm backward: count must be positive, got ", count);
@@ -209,7 +248,7 @@ at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tenso
     if (xd.numel() == 0) return;
     const ChannelView v = channel_view(xd, xd.size(1));
     path_ops<scalar_t>(v).elemt(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(),
-                                gi.mutable_data_ptr<scalar_t>(), act, ks, v);
+                                gi.mutable_data_ptr<scalar_t>(), act, ks, v, ptr(drop));
   });
   return gi;
 }
@@ -217,17 +256,21 @@ at::Tensor batch_norm_act_backward_elemt(const at::Tensor& grad, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,
-    int64_t act, double slope, bool training) {
+    int64_t act, double slope, bool training, double p, int64_t seed) {
   const BackwardInputs in = backward_inputs(grad, x, mean, invstd, w, b, prelu_w, act);
   const at::Tensor &xd = in.x, &gd = in.grad;
+  if (separate_dropout(xd, p))
+    return batch_norm_act_backward(dropout(gd, p, seed, false), xd, mean, invstd, w, b, prelu_w, act, slope, training,
+                                   0.0, 0);
+  const std::optional<BnDropout> drop = make_dropout(xd, p, seed);
   at::Tensor gi = new_output(xd);
   at::Tensor sums = at::zeros({3, xd.size(1)}, xd.options().dtype(at::kDouble));
-  const ChannelParams p = channel_params(xd, w, b, prelu_w, act, slope);
+  const ChannelParams cp = channel_params(xd, w, b, prelu_w, act, slope);
   DLK_DISPATCH_BN(x, "batch_norm_act_backward", [&] {
     if (xd.numel() == 0) return;
     backward_impl(gd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(), gi.mutable_data_ptr<scalar_t>(), act,
-                  p, doubles(mean), doubles(invstd), training, channel_view(xd, xd.size(1)),
-                  sums.mutable_data_ptr<double>());
+                  cp, doubles(mean), doubles(invstd), training, channel_view(xd, xd.size(1)),
+                  sums.mutable_data_ptr<double>(), ptr(drop));
   });
   const auto [sum_dz, sum_dz_xhat, grad_prelu] = channel_grads(sums, xd, prelu_w, act);
   return {gi, sum_dz, sum_dz_xhat, grad_prelu};

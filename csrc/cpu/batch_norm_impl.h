@@ -19,10 +19,13 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../common/batch_norm.h"
 #include "../prep.h"
+#include "dropout_stream.h"
+#include "loadstore.h"
 #include "simd.h"
 
 namespace dlk::cpu {
@@ -86,17 +89,28 @@ struct Moments {
   }
 };
 
-// One path's passes over storage type S (compute type compute_t<S>).
+// Dropout after the activation (docs/dropout.md), for one call: the mask of memory position o
+// is the stream's word of o's logical index against args.thr. The passes take a pointer to it,
+// nullptr when there is no dropout (then they run exactly the loops they run without it).
+struct BnDropout {
+  DropoutArgs args;
+  Stream stream;
+};
+
+// One path's passes over storage type S (compute type compute_t<S>); d: dropout or nullptr.
 // stats: merges the per-channel (count, mean, M2) of x - shift[c] into `m`;
-// forward: y = act(x * scale + shift);
+// forward: y = act(x * scale + shift), then y * m (y rounded to S first, as dropout reads it);
 // reduce: adds sum dz, sum dz * xhat and the PReLU slope gradient into sums[3][C];
-// elemt: grad_input = k1 * dz + ka * (x - mean) + kc.
+// elemt: grad_input = k1 * dz + ka * (x - mean) + kc;
+// with dz = act'(z) * grad, or act'(z) * (grad * m) under dropout (the mask regenerated).
 template <typename S>
 struct PathOps {
   void (*stats)(const S* x, const ChannelView& v, const double* shift, Moments& m);
-  void (*forward)(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v);
-  void (*reduce)(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums);
-  void (*elemt)(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v);
+  void (*forward)(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d);
+  void (*reduce)(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums,
+                 const BnDropout* d);
+  void (*elemt)(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v,
+                const BnDropout* d);
 };
 
 // Defined in batch_norm_{row,strip,tile}.cpp (DLK_BN_PATH_OPS) for the four storage types.
@@ -131,6 +145,57 @@ void for_each_unit(const ChannelView& v, int64_t len, F&& body) {
   at::parallel_for(0, units, std::max<int64_t>(1, kGrain / len), [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) body(u, u * len, std::min(len, total - u * len));
   });
+}
+
+// ---- dropout on an L1 block (batch_norm_drop.cpp) ----
+
+// The block's multipliers applied: v[i] *= m(w[i]) (in place), out[i] = g[i] * m(w[i]).
+#pragma GCC visibility push(hidden)
+void mask_scale(float* v, const uint32_t* w, int64_t n, uint32_t t, float s);
+void mask_scale(double* v, const uint32_t* w, int64_t n, uint32_t t, double s);
+void mask_mul(const float* g, const uint32_t* w, float* out, int64_t n, uint32_t t, float s);
+void mask_mul(const double* g, const uint32_t* w, double* out, int64_t n, uint32_t t, double s);
+#pragma GCC visibility pop
+
+// The per-thread buffers of a block's words (and the logical indices they are computed from).
+struct WordBufs {
+  alignas(64) uint32_t w[kWordBuf];
+  int64_t idx[kBlock];
+};
+
+// The words of memory positions [o, o + m), m <= kBlock.
+inline const uint32_t* block_words(const BnDropout& d, int64_t o, int64_t m, WordBufs& b) {
+  return d.stream.words(o, m, b.w, b.idx);
+}
+
+// grad * m of m positions from o, in the compute type, in gb (kBlock): the backward's dz input.
+template <typename S, typename C>
+const C* dropped_grad(const BnDropout& d, const S* g, int64_t o, int64_t m, C* gb, WordBufs& b) {
+  const uint32_t* w = block_words(d, o, m, b);
+  const C s = C(d.args.scale);  // 1 / (1 - p) rounded once, as dropout_scale<C>
+  if constexpr (std::is_same_v<S, C>) {
+    mask_mul(g + o, w, gb, m, d.args.thr, s);
+  } else {
+    to_float(g + o, gb, m);
+    mask_scale(gb, w, m, d.args.thr, s);
+  }
+  return gb;
+}
+
+// The forward's last step on a block yb (compute type) bound for y[o, o + m): rounded to S (the
+// value batch_norm_act stores, which dropout would read), multiplied by m, stored.
+template <typename S, typename C>
+void store_dropped(const BnDropout& d, C* yb, S* y, int64_t o, int64_t m, WordBufs& b) {
+  const uint32_t* w = block_words(d, o, m, b);
+  const C s = C(d.args.scale);
+  if constexpr (std::is_same_v<S, C>) {
+    mask_mul(yb, w, y + o, m, d.args.thr, s);
+  } else {  // the round trip through S, then the product rounded to S again
+    from_float(yb, y + o, m);
+    to_float(y + o, yb, m);
+    mask_scale(yb, w, m, d.args.thr, s);
+    from_float(yb, y + o, m);
+  }
 }
 
 // sums[3][C] += partial sums laid out [pieces][3][C], piece by piece (deterministic).

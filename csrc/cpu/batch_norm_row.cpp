@@ -57,11 +57,22 @@ void row_moments(const S* x, int64_t len, double shift, double& mu, double& m2) 
   }
 }
 
+// y[off, off + len): one row. Under dropout each block's words are those of its positions.
 template <typename S>
-void row_forward(const S* x, S* y, int64_t len, int act, const RowK<compute_t<S>>& k) {
+void row_forward(const S* x, S* y, int64_t off, int64_t len, int act, const RowK<compute_t<S>>& k,
+                 const BnDropout* d) {
   compute_t<S> xb[kBlock], yb[kBlock];
-  for (int64_t i = 0; i < len; i += kBlock) {
-    const int64_t m = std::min(kBlock, len - i);
+  if (d != nullptr) {
+    WordBufs wb;
+    for (int64_t i = off; i < off + len; i += kBlock) {
+      const int64_t m = std::min(kBlock, off + len - i);
+      fwd_row(act, load(x + i, xb, m), yb, m, k);
+      store_dropped(*d, yb, y, i, m, wb);
+    }
+    return;
+  }
+  for (int64_t i = off; i < off + len; i += kBlock) {
+    const int64_t m = std::min(kBlock, off + len - i);
     fwd_row(act, load(x + i, xb, m), out_ptr(y + i, yb), m, k);
     store(yb, y + i, m);
   }
@@ -69,24 +80,30 @@ void row_forward(const S* x, S* y, int64_t len, int act, const RowK<compute_t<S>
 
 // Adds the row's sum dz, sum dz * xhat and PReLU slope gradient to acc[0..2].
 template <typename S>
-void row_reduce(const S* g, const S* x, int64_t len, int act, const RowK<compute_t<S>>& k, double* acc) {
+void row_reduce(const S* g, const S* x, int64_t off, int64_t len, int act, const RowK<compute_t<S>>& k,
+                double* acc, const BnDropout* d) {
   using C = compute_t<S>;
   C gb[kBlock], xb[kBlock];
-  for (int64_t i = 0; i < len; i += kBlock) {
-    const int64_t m = std::min(kBlock, len - i);
+  WordBufs wb;
+  for (int64_t i = off; i < off + len; i += kBlock) {
+    const int64_t m = std::min(kBlock, off + len - i);
     C out[3] = {0, 0, 0};
-    reduce_row(act, load(g + i, gb, m), load(x + i, xb, m), m, k, out);
+    const C* gv = d != nullptr ? dropped_grad(*d, g, i, m, gb, wb) : load(g + i, gb, m);
+    reduce_row(act, gv, load(x + i, xb, m), m, k, out);
     for (int q = 0; q < 3; ++q) acc[q] += out[q];
   }
 }
 
 template <typename S>
-void row_elemt(const S* g, const S* x, S* gi, int64_t len, int act, const RowK<compute_t<S>>& k) {
+void row_elemt(const S* g, const S* x, S* gi, int64_t off, int64_t len, int act, const RowK<compute_t<S>>& k,
+               const BnDropout* d) {
   using C = compute_t<S>;
   C gb[kBlock], xb[kBlock], ob[kBlock];
-  for (int64_t i = 0; i < len; i += kBlock) {
-    const int64_t m = std::min(kBlock, len - i);
-    elemt_row(act, load(g + i, gb, m), load(x + i, xb, m), out_ptr(gi + i, ob), m, k);
+  WordBufs wb;
+  for (int64_t i = off; i < off + len; i += kBlock) {
+    const int64_t m = std::min(kBlock, off + len - i);
+    const C* gv = d != nullptr ? dropped_grad(*d, g, i, m, gb, wb) : load(g + i, gb, m);
+    elemt_row(act, gv, load(x + i, xb, m), out_ptr(gi + i, ob), m, k);
     store(ob, gi + i, m);
   }
 }
@@ -104,30 +121,31 @@ void stats(const S* x, const ChannelView& v, const double* shift, Moments& m) {
 }
 
 template <typename S>
-void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v) {
+void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   const auto rk = narrow_all<compute_t<S>>(ks);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
-    row_forward(x + off, y + off, len, act, rk[r % v.channels]);
+    row_forward(x, y, off, len, act, rk[r % v.channels], d);
   });
 }
 
 template <typename S>
-void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums) {
+void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums,
+            const BnDropout* d) {
   const auto rk = narrow_all<compute_t<S>>(ks);
   const int64_t channels = v.channels, rows = v.outer * channels;
   std::vector<double> part(3 * rows, 0.0);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
-    row_reduce(g + off, x + off, len, act, rk[r % channels], part.data() + 3 * r);
+    row_reduce(g, x, off, len, act, rk[r % channels], part.data() + 3 * r, d);
   });
   for (int64_t r = 0; r < rows; ++r)
     for (int q = 0; q < 3; ++q) sums[q * channels + r % channels] += part[3 * r + q];
 }
 
 template <typename S>
-void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v) {
+void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   const auto rk = narrow_all<compute_t<S>>(ks);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
-    row_elemt(g + off, x + off, gi + off, len, act, rk[r % v.channels]);
+    row_elemt(g, x, gi, off, len, act, rk[r % v.channels], d);
   });
 }
 

@@ -62,21 +62,29 @@ StripGeo strip_geo(const ChannelView& v) {
 
 // An elementwise pass of the strip path, block by block in parallel: the N inputs copied into L1
 // buffers (the next block prefetched), compute(inputs, out_buffer, rows) run over the strips, the
-// buffer stored to `out`.
+// buffer stored to `out`. Under dropout (d) the forward's output block is multiplied by its
+// mask before the store (drop_out), or the backward's first input, grad, before the strips.
 template <typename S, size_t N, typename F>
-void strip_pass(const ChannelView& v, const std::array<const S*, N>& in, S* out, F&& compute) {
+void strip_pass(const ChannelView& v, const std::array<const S*, N>& in, S* out, const BnDropout* d, F&& compute) {
   static_assert(N < 3, "StripBufs holds N inputs and the output");
   using C = compute_t<S>;
+  constexpr bool drop_out = N == 1;  // the forward: y * m; the backward: (grad * m) in
   const int64_t ch = v.channels, rb = strip_geo(v).rb, blocks = (v.outer + rb - 1) / rb;
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kBlock), [&](int64_t b, int64_t e) {
     StripBufs<C> buf;
     std::array<const C*, N> iv;
+    WordBufs wb;
     for (int64_t q = b; q < e; ++q) {
       const int64_t rows = std::min(rb, v.outer - q * rb), off = q * rb * ch, m = rows * ch;
       for (size_t i = 0; i < N; ++i) iv[i] = load_block(in[i] + off, buf[i], m);
       for (size_t i = 0; i < N; ++i) prefetch(in[i] + off + m, std::min(m, v.outer * ch - off - m));
+      if (d != nullptr && !drop_out)  // the grad block is buf[0], a private copy: scaled in place
+        mask_scale(buf[0], block_words(*d, off, m, wb), m, d->args.thr, C(d->args.scale));
       compute(iv, buf[N], rows);
-      store_block(buf[N], out + off, m);
+      if (d != nullptr && drop_out)
+        store_dropped(*d, buf[N], out, off, m, wb);
+      else
+        store_block(buf[N], out + off, m);
     }
   });
 }
@@ -141,17 +149,18 @@ void stats(const S* x, const ChannelView& v, const double* shift, Moments& m) {
 }
 
 template <typename S>
-void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v) {
+void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   using C = compute_t<S>;
   const auto sk = strips<C>(ks);
-  strip_pass<S, 1>(v, {x}, y, [&](const auto& in, C* o, int64_t rows) {
+  strip_pass<S, 1>(v, {x}, y, d, [&](const auto& in, C* o, int64_t rows) {
     for (size_t q = 0; q < sk.size(); ++q)
       fwd_strip(act, in[0] + q * kStrip, o + q * kStrip, rows, v.channels, sk[q]);
   });
 }
 
 template <typename S>
-void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums) {
+void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums,
+            const BnDropout* d) {
   using C = compute_t<S>;
   const auto sk = strips<C>(ks);
   const StripGeo sg = strip_geo(v);
@@ -159,6 +168,7 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
   std::vector<double> part(3 * sg.pieces * ch, 0.0);  // [piece][3][C]
   at::parallel_for(0, sg.pieces, 1, [&](int64_t b, int64_t e) {
     StripBufs<C> buf;
+    WordBufs wb;
     std::vector<C> acc(3 * ch);  // [strip][3][kStrip]
     for (int64_t p = b; p < e; ++p) {
       const int64_t r0 = p * sg.piece_rows, r1 = std::min(v.outer, r0 + sg.piece_rows);
@@ -166,6 +176,8 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
       for (int64_t r = r0; r < r1; r += sg.rb) {
         const int64_t rows = std::min(sg.rb, r1 - r), off = r * ch, m = rows * ch;
         const C* gv = load_block(g + off, buf[0], m);
+        if (d != nullptr)  // grad * m, in place in the private copy
+          mask_scale(buf[0], block_words(*d, off, m, wb), m, d->args.thr, C(d->args.scale));
         const C* xv = load_block(x + off, buf[1], m);
         prefetch(g + off + m, std::min(m, v.outer * ch - off - m));
         prefetch(x + off + m, std::min(m, v.outer * ch - off - m));
@@ -180,10 +192,10 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
 }
 
 template <typename S>
-void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v) {
+void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   using C = compute_t<S>;
   const auto sk = strips<C>(ks);
-  strip_pass<S, 2>(v, {g, x}, gi, [&](const auto& in, C* o, int64_t rows) {
+  strip_pass<S, 2>(v, {g, x}, gi, d, [&](const auto& in, C* o, int64_t rows) {
     for (size_t q = 0; q < sk.size(); ++q)
       elemt_strip(act, in[0] + q * kStrip, in[1] + q * kStrip, o + q * kStrip, rows, v.channels, sk[q]);
   });

@@ -157,13 +157,19 @@ void stats(const S* x, const ChannelView& v, const double* shift, Moments& m) {
 }
 
 template <typename S>
-void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v) {
+void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   using C = compute_t<S>;
   const at::Tensor kt = tiled<C>(ks, v);
   for_each_unit(v, unit_len(v), [&](int64_t, int64_t off, int64_t len) {
     C xb[kBlock], yb[kBlock];
+    WordBufs wb;
     for (int64_t j = 0; j < len; j += kBlock) {
       const int64_t m = std::min(kBlock, len - j);
+      if (d != nullptr) {
+        fwd_vec(act, load(x + off + j, xb, m), yb, m, vec_consts<C>(kt, j));
+        store_dropped(*d, yb, y, off + j, m, wb);
+        continue;
+      }
       fwd_vec(act, load(x + off + j, xb, m), out_ptr(y + off + j, yb), m, vec_consts<C>(kt, j));
       store(yb, y + off + j, m);
     }
@@ -171,7 +177,8 @@ void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v) 
 }
 
 template <typename S>
-void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums) {
+void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView& v, double* sums,
+            const BnDropout* d) {
   using C = compute_t<S>;
   const int64_t channels = v.channels;
   const at::Tensor kt = tiled<C>(ks, v);
@@ -180,6 +187,7 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
   std::vector<double> part(3 * pc.count * channels, 0.0);
   at::parallel_for(0, pc.count, 1, [&](int64_t b, int64_t e) {
     C gb[kBlock], xb[kBlock];
+    WordBufs wb;
     std::vector<C> acc(3 * pc.len);
     for (int64_t p = b; p < e; ++p) {
       std::fill(acc.begin(), acc.end(), C(0));
@@ -187,7 +195,8 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
       for (int64_t u = p * pc.per_piece; u < std::min(pc.units, (p + 1) * pc.per_piece); ++u)
         for (int64_t j = 0, n = std::min(pc.len, total - u * pc.len); j < n; j += kBlock) {
           const int64_t m = std::min(kBlock, n - j), off = u * pc.len + j;
-          reduce_vec(act, load(g + off, gb, m), load(x + off, xb, m), m, vec_consts<C>(kt, j), a + j,
+          const C* gv = d != nullptr ? dropped_grad(*d, g, off, m, gb, wb) : load(g + off, gb, m);
+          reduce_vec(act, gv, load(x + off, xb, m), m, vec_consts<C>(kt, j), a + j,
                      a + pc.len + j, a + 2 * pc.len + j);
         }
       for (int q = 0; q < 3; ++q)
@@ -198,14 +207,16 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
 }
 
 template <typename S>
-void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v) {
+void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   using C = compute_t<S>;
   const at::Tensor kt = tiled<C>(ks, v);
   for_each_unit(v, unit_len(v), [&](int64_t, int64_t off, int64_t len) {
     C gb[kBlock], xb[kBlock], ob[kBlock];
+    WordBufs wb;
     for (int64_t j = 0; j < len; j += kBlock) {
       const int64_t m = std::min(kBlock, len - j);
-      elemt_vec(act, load(g + off + j, gb, m), load(x + off + j, xb, m), out_ptr(gi + off + j, ob), m,
+      const C* gv = d != nullptr ? dropped_grad(*d, g, off + j, m, gb, wb) : load(g + off + j, gb, m);
+      elemt_vec(act, gv, load(x + off + j, xb, m), out_ptr(gi + off + j, ob), m,
                 vec_consts<C>(kt, j));
       store(ob, gi + off + j, m);
     }

@@ -34,6 +34,7 @@
 #include "../common/activation.h"
 #include "../common/philox.h"
 #include "../prep.h"
+#include "dropout_stream.h"
 #include "loadstore.h"
 #include "simd.h"
 #include "output.h"
@@ -272,8 +273,8 @@ DLK_INLINE void philox_at_body(const int64_t* __restrict__ idx, uint32_t* __rest
 }  // namespace vec
 #pragma GCC diagnostic pop
 
-// The versions, named as DLK_MULTIVERSION's (tests/test_build.py checks them); flatten inlines
-// the level's mul_even.
+// The versions, named as DLK_MULTIVERSION's (tests/test_build.py checks them), and name_level
+// picking one; flatten inlines the level's mul_even.
 #define DLK_PHILOX_VERSIONS(name, params, args)                                                             \
   __attribute__((target("arch=x86-64-v4"), noinline, flatten)) void name##_avx512 params {                 \
     vec::name##_body<vec::Avx512> args;                                                                     \
@@ -282,7 +283,7 @@ DLK_INLINE void philox_at_body(const int64_t* __restrict__ idx, uint32_t* __rest
     vec::name##_body<vec::Avx2> args;                                                                       \
   }                                                                                                         \
   __attribute__((noinline, flatten)) void name##_default params { vec::name##_body<vec::Sse2> args; }       \
-  void name params {                                                                                        \
+  void name##_level params {                                                                                \
     switch (capability()) {                                                                                 \
       case kAvx512: return name##_avx512 args;                                                              \
       case kAvx2: return name##_avx2 args;                                                                  \
@@ -295,13 +296,25 @@ DLK_PHILOX_VERSIONS(philox_at, (const int64_t* idx, uint32_t* out, int64_t n, ui
                     (idx, out, n, k0, k1))
 #undef DLK_PHILOX_VERSIONS
 #else
-void philox_row(uint32_t c0, uint32_t c1, int64_t nq, uint32_t k0, uint32_t k1, uint32_t* out) {
+void philox_row_level(uint32_t c0, uint32_t c1, int64_t nq, uint32_t k0, uint32_t k1, uint32_t* out) {
   philox_row_scalar(c0, c1, 0, nq, k0, k1, out);
 }
-void philox_at(const int64_t* idx, uint32_t* out, int64_t n, uint32_t k0, uint32_t k1) {
+void philox_at_level(const int64_t* idx, uint32_t* out, int64_t n, uint32_t k0, uint32_t k1) {
   philox_at_scalar(idx, out, 0, n, k0, k1);
 }
 #endif
+
+}  // namespace
+
+// dropout_stream.h's entry points to the generator (for the batch norm kernels too).
+void philox_row(uint32_t c0, uint32_t c1, int64_t nq, uint32_t k0, uint32_t k1, uint32_t* out) {
+  philox_row_level(c0, c1, nq, k0, k1, out);
+}
+void philox_at(const int64_t* idx, uint32_t* out, int64_t n, uint32_t k0, uint32_t k1) {
+  philox_at_level(idx, out, n, k0, k1);
+}
+
+namespace {
 
 // Philox4x32-10 of n counters of four int64 words (low 32 bits), for philox4x32_10().
 DLK_INLINE void philox_counters_body(const int64_t* __restrict__ c, int64_t* __restrict__ out, int64_t n,
@@ -428,10 +441,9 @@ DLK_MULTIVERSION(void, prelu_drop_bwd_vec,
                   int64_t n, uint32_t t, double s),
                  (g, x, sl, w, gi, acc, n, t, s), prelu_drop_bwd_vec_body)
 
-// ---- the words of a block ----
+}  // namespace
 
-// Words per block buffer: a row-major block of m words starting mid-counter needs up to m + 6.
-constexpr int64_t kWordBuf = kBlock + 8;
+// ---- the words of a block (declared in dropout_stream.h) ----
 
 // The words of logical indices [i0, i0 + m), m <= kBlock, into buf; returns where they start
 // (buf + i0 mod 4). The counter's high word c1 is constant within one philox_row call, so a
@@ -484,32 +496,7 @@ void fill_indices(const IndexMap& map, int64_t o, int64_t m, int64_t* out) {
   }
 }
 
-// Where a kernel's words come from, for the memory positions of the dense input.
-struct Stream {
-  enum Kind { kRowMajor, kPerElement, kGrid } kind = kRowMajor;
-  uint32_t k0 = 0, k1 = 0;
-  IndexMap map{};
-  std::vector<uint32_t> grid;  // kGrid: the words of the (N, C) grid, row-major
-
-  bool too_deep() const { return map.ndim > kIndexMapMaxDims; }
-
-  // The words of memory positions [o, o + m), m <= kBlock (wbuf: kWordBuf, ibuf: kBlock).
-  const uint32_t* words(int64_t o, int64_t m, uint32_t* wbuf, int64_t* ibuf) const {
-    switch (kind) {
-      case kRowMajor:
-        return row_major_words(uint64_t(o), m, k0, k1, wbuf);
-      case kPerElement:
-        fill_indices(map, o, m, ibuf);
-        philox_at(ibuf, wbuf, m, k0, k1);
-        return wbuf;
-      case kGrid:
-      default:
-        fill_indices(map, o, m, ibuf);
-        for (int64_t k = 0; k < m; ++k) wbuf[k] = grid[ibuf[k]];
-        return wbuf;
-    }
-  }
-};
+namespace {
 
 // body(o, m) over blocks of at most kBlock positions of [0, n), in parallel over fixed chunks of
 // kGrain positions (multiples of 4: row-major blocks start on a Philox counter), the same blocks
@@ -534,6 +521,8 @@ void row_major_stream(int64_t n, uint32_t k0, uint32_t k1, const F& put) {
   });
 }
 
+}  // namespace
+
 Stream make_stream(const at::Tensor& xd, int64_t seed, bool per_channel) {
   Stream st;
   st.k0 = seed_k0(uint64_t(seed));
@@ -555,6 +544,8 @@ Stream make_stream(const at::Tensor& xd, int64_t seed, bool per_channel) {
   }
   return st;
 }
+
+namespace {
 
 // Slope of each memory position's channel (memory as [outer, C, inner], prep.h), in the compute
 // type: runs of one slope when inner is long, else copies from the [C, inner] tile of slopes.

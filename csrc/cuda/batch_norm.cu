@@ -2,7 +2,12 @@
 // The per-element math and the merge of moments are csrc/common/batch_norm.h, shared with the
 // CPU kernels; storage may be fp16/bf16, compute is float (double for fp64). Reductions write
 // one partial per (channel, split) block, combined by the caller: deterministic, no atomics.
+// Dropout after the activation (DROP kernels, docs/dropout.md): each position evaluates the
+// Philox of its own logical index (csrc/common/philox.h: the position itself where memory order
+// is row-major, else through the index map) and keeps one of the four words; the backward passes
+// regenerate the mask the same way.
 #include "../common/batch_norm.h"
+#include "../common/philox.h"
 #include "batch_norm.cuh"
 #include "common.cuh"
 
@@ -44,6 +49,21 @@ __device__ __forceinline__ int64_t my_channel() {
 // Slot of partial k of channel c written by this block: partials are [3, C, split].
 __device__ __forceinline__ int64_t partial(int k, int64_t c, int64_t C) {
   return (k * C + c) * gridDim.y + blockIdx.y;
+}
+
+// Dropout variants of the elementwise kernels (template argument DROP): none; memory order is
+// row-major order (the logical index is the position); any other dense layout (through the map).
+constexpr int kNoDrop = 0, kDropRowMajor = 1, kDropMapped = 2;
+
+int drop_mode(const BnParams& p) {
+  return !p.drop.on ? kNoDrop : is_row_major(p.map) ? kDropRowMajor : kDropMapped;
+}
+
+// The dropout multiplier of memory position i: 1 / (1 - p) (rounded once to A) or 0.
+template <typename A, int DROP>
+__device__ __forceinline__ A drop_mult(const BnParams& p, int64_t i) {
+  const int64_t li = DROP == kDropRowMajor ? i : logical_index(p.map, i);
+  return dropout_multiplier(dropout_word(uint64_t(li), p.drop.k0, p.drop.k1), p.drop.thr, A(p.drop.scale));
 }
 
 template <typename A>
@@ -110,7 +130,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+// y = act(z), or under dropout the value y stores (rounded to T) times the mask, rounded again:
+// bit for bit what the dropout kernels give on y.
+template <typename T, int DROP>
 __global__ void __launch_bounds__(kThreads)
     bn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, BnParams p, BnShape s) {
   using A = compute_t<T>;
@@ -120,12 +142,15 @@ __global__ void __launch_bounds__(kThreads)
   const int act = p.act;
   for_each_position(c, s, [&](int64_t i) {
     const A z = (to_compute(x[i]) - ch.mean) * ch.invstd * ch.w + ch.b;  // the reference's order
-    y[i] = from_compute<T>(act_fwd(act, z, ch.slope));
+    A v = act_fwd(act, z, ch.slope);
+    if constexpr (DROP != kNoDrop) v = to_compute(from_compute<T>(v)) * drop_mult<A, DROP>(p, i);
+    y[i] = from_compute<T>(v);
   });
 }
 
-// (sum dz, sum dz * xhat, PReLU slope gradient) of a channel, one pass over grad and x.
-template <typename T>
+// (sum dz, sum dz * xhat, PReLU slope gradient) of a channel, one pass over grad and x; under
+// dropout, grad * m stands for grad.
+template <typename T, int DROP>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_reduce_kernel(const T* __restrict__ g, const T* __restrict__ x, BnParams p,
                          compute_t<T>* __restrict__ part, BnShape s) {
@@ -136,7 +161,8 @@ __global__ void __launch_bounds__(kThreads)
     const Channel<A> ch(p, c);
     const int act = p.act;
     for_each_position(c, s, [&](int64_t i) {
-      const A gv = to_compute(g[i]);
+      A gv = to_compute(g[i]);
+      if constexpr (DROP != kNoDrop) gv *= drop_mult<A, DROP>(p, i);
       const A xhat = (to_compute(x[i]) - ch.mean) * ch.invstd;
       const A z = xhat * ch.w + ch.b;
       const A dz = act_bwd(act, gv, z, ch.slope);
@@ -158,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < 3; ++k) part[partial(k, c, s.channels)] = sm[k][t];
 }
 
-template <typename T>
+template <typename T, int DROP>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_elemt_kernel(const T* __restrict__ g, const T* __restrict__ x, BnParams p,
                         const compute_t<T>* __restrict__ a, const compute_t<T>* __restrict__ q,
@@ -171,7 +197,9 @@ __global__ void __launch_bounds__(kThreads)
   const int act = p.act;
   for_each_position(c, s, [&](int64_t i) {
     const A xhat = (to_compute(x[i]) - ch.mean) * ch.invstd;
-    const A dz = act_bwd(act, to_compute(g[i]), xhat * ch.w + ch.b, ch.slope);
+    A gv = to_compute(g[i]);
+    if constexpr (DROP != kNoDrop) gv *= drop_mult<A, DROP>(p, i);
+    const A dz = act_bwd(act, gv, xhat * ch.w + ch.b, ch.slope);
     gi[i] = from_compute<T>(k * (dz - ac - stat_term(qc, xhat)));
   });
 }
@@ -195,8 +223,10 @@ void launch_bn_fwd(DType t, const void* x, void* y, const BnParams& p, BnShape s
                    cudaStream_t st) {
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    bn_fwd_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(static_cast<const T*>(x),
-                                                         static_cast<T*>(y), p, s);
+    decltype(&bn_fwd_kernel<T, kNoDrop>) kernels[] = {bn_fwd_kernel<T, kNoDrop>, bn_fwd_kernel<T, kDropRowMajor>,
+                                                      bn_fwd_kernel<T, kDropMapped>};
+    auto kernel = kernels[drop_mode(p)];
+    kernel<<<grid_of(g), block_of(g), 0, st>>>(static_cast<const T*>(x), static_cast<T*>(y), p, s);
   });
 }
 
@@ -204,7 +234,10 @@ void launch_bn_bwd_reduce(DType t, const void* grad, const void* x, const BnPara
                           void* partials, BnShape s, BnGrid g, cudaStream_t st) {
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    bn_bwd_reduce_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(
+    decltype(&bn_bwd_reduce_kernel<T, kNoDrop>) kernels[] = {
+        bn_bwd_reduce_kernel<T, kNoDrop>, bn_bwd_reduce_kernel<T, kDropRowMajor>, bn_bwd_reduce_kernel<T, kDropMapped>};
+    auto kernel = kernels[drop_mode(p)];
+    kernel<<<grid_of(g), block_of(g), 0, st>>>(
         static_cast<const T*>(grad), static_cast<const T*>(x), p,
         static_cast<compute_t<T>*>(partials), s);
   });
@@ -216,7 +249,10 @@ void launch_bn_bwd_elemt(DType t, const void* grad, const void* x, const BnParam
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
     using A = compute_t<T>;
-    bn_bwd_elemt_kernel<T><<<grid_of(g), block_of(g), 0, st>>>(
+    decltype(&bn_bwd_elemt_kernel<T, kNoDrop>) kernels[] = {
+        bn_bwd_elemt_kernel<T, kNoDrop>, bn_bwd_elemt_kernel<T, kDropRowMajor>, bn_bwd_elemt_kernel<T, kDropMapped>};
+    auto kernel = kernels[drop_mode(p)];
+    kernel<<<grid_of(g), block_of(g), 0, st>>>(
         static_cast<const T*>(grad), static_cast<const T*>(x), p, static_cast<const A*>(a),
         static_cast<const A*>(q), static_cast<T*>(grad_input), s);
   });

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/philox.h"
 #include "activation.cuh"  // DType
 
 namespace dlk::cuda {
@@ -48,6 +49,10 @@ struct BnParams {
   const void* prelu;  // slopes when act == 3, else unused
   int act;
   double slope;  // leaky slope (act == 2)
+  // Dropout after the activation (drop.on): the mask of memory position o is the word of its
+  // logical index, through `map` (o itself when the map is row-major).
+  DropoutArgs drop;
+  IndexMap map;
 };
 
 // partials: [3, C, split] double of (count, mean - shift, M2); shift: [C], a value of each channel.

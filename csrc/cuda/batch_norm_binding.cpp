@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "../api/batch_norm.h"
+#include "../api/dropout.h"
 #include "../common/batch_norm.h"
 #include "../prep.h"
 #include "batch_norm.cuh"
@@ -46,12 +47,30 @@ Geometry geometry(const at::Tensor& xd) {
 // Per-channel values the kernels read; the tensors must outlive the launch.
 struct ChannelTensors {
   at::Tensor mean, invstd, weight, bias, prelu;
-  BnParams params(int64_t act, double slope) const {
+  BnParams params(int64_t act, double slope, const DropoutArgs& drop = {}, const IndexMap& map = {}) const {
     return {mean.const_data_ptr(), invstd.const_data_ptr(), weight.const_data_ptr(),
             bias.const_data_ptr(),  prelu.defined() ? prelu.const_data_ptr() : nullptr,
-            static_cast<int>(act), slope};
+            static_cast<int>(act), slope, drop, map};
   }
 };
+
+// Dropout after the activation (p > 0) over dense xd's memory positions, or none (drop.on false).
+struct Dropout {
+  DropoutArgs drop{};
+  IndexMap map{};
+};
+Dropout dropout_of(const at::Tensor& xd, double p, int64_t seed) {
+  if (p == 0.0) return {};
+  check_dropout_p(p);
+  return {dropout_args(p, uint64_t(seed)), make_index_map(xd, false)};
+}
+
+// Under dropout, a layout of more coalesced dims than the index map takes (rare: a permuted
+// tensor of 9+ dims) runs the dropout family's kernel as a pass of its own, on the output
+// (forward) or on grad (backward); batch norm itself runs as without dropout (see the CPU's).
+bool separate_dropout(const at::Tensor& xd, double p) {
+  return p != 0.0 && make_index_map(xd, false).ndim > kIndexMapMaxDims;
+}
 
 ChannelTensors channel_tensors(const at::Tensor& x, const at::Tensor& mean,
                                const at::Tensor& invstd, const std::optional<at::Tensor>& w,
@@ -97,16 +116,19 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean,
                                   const at::Tensor& invstd, const std::optional<at::Tensor>& w,
                                   const std::optional<at::Tensor>& b,
                                   const std::optional<at::Tensor>& prelu_w, int64_t act,
-                                  double slope) {
+                                  double slope, double p, int64_t seed) {
   check_cuda(x, "input");
   check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
   const c10::cuda::CUDAGuard guard(x.device());
   if (x.numel() == 0) return at::empty_like(x);
   const at::Tensor xd = dense(x);
+  if (separate_dropout(xd, p))
+    return dropout(batch_norm_act_forward(xd, mean, invstd, w, b, prelu_w, act, slope, 0.0, 0), p, seed, false);
   at::Tensor y = at::empty_like(xd);
   const Geometry geo = geometry(xd);
   const ChannelTensors ct = channel_tensors(x, mean, invstd, w, b, prelu_w, act);
-  launch_bn_fwd(dtype_of(x), xd.const_data_ptr(), y.mutable_data_ptr(), ct.params(act, slope),
+  const Dropout d = dropout_of(xd, p, seed);
+  launch_bn_fwd(dtype_of(x), xd.const_data_ptr(), y.mutable_data_ptr(), ct.params(act, slope, d.drop, d.map),
                 geo.shape, geo.grid, stream());
   check_launch();
   return y;
@@ -115,7 +137,7 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& prelu_w, int64_t act, double slope) {
+    const std::optional<at::Tensor>& prelu_w, int64_t act, double slope, double p, int64_t seed) {
   check_cuda(x, "input");
   check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
   check_grad(grad, x);
@@ -128,12 +150,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(
   } else {
     const at::Tensor xd = dense(x);
     const at::Tensor gd = same_layout(grad, xd);
+    if (separate_dropout(xd, p))
+      return batch_norm_act_backward_reduce(dropout(gd, p, seed, false), xd, mean, invstd, w, b, prelu_w, act,
+                                            slope, 0.0, 0);
     const Geometry geo = geometry(xd);
     const ChannelTensors ct = channel_tensors(x, mean, invstd, w, b, prelu_w, act);
+    const Dropout d = dropout_of(xd, p, seed);
     at::Tensor part = at::zeros({3, c, geo.grid.split}, x.options().dtype(acc));
     launch_bn_bwd_reduce(dtype_of(x), gd.const_data_ptr(), xd.const_data_ptr(),
-                         ct.params(act, slope), part.mutable_data_ptr(), geo.shape, geo.grid,
-                         stream());
+                         ct.params(act, slope, d.drop, d.map), part.mutable_data_ptr(), geo.shape,
+                         geo.grid, stream());
     check_launch();
     sums = part.sum(2);
   }
@@ -151,7 +177,8 @@ at::Tensor batch_norm_act_backward_elemt(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& prelu_w, const at::Tensor& sum_dz,
-    const at::Tensor& sum_dz_xhat, int64_t count, int64_t act, double slope) {
+    const at::Tensor& sum_dz_xhat, int64_t count, int64_t act, double slope, double p,
+    int64_t seed) {
   check_cuda(x, "input");
   check_batch_norm_args(x, mean, invstd, w, b, prelu_w, act);
   check_grad(grad, x);
@@ -161,14 +188,18 @@ at::Tensor batch_norm_act_backward_elemt(
   if (x.numel() == 0) return at::empty_like(x);
   const at::Tensor xd = dense(x);
   const at::Tensor gd = same_layout(grad, xd);
+  if (separate_dropout(xd, p))
+    return batch_norm_act_backward_elemt(dropout(gd, p, seed, false), xd, mean, invstd, w, b, prelu_w, sum_dz,
+                                         sum_dz_xhat, count, act, slope, 0.0, 0);
   at::Tensor gi = at::empty_like(xd);
   const Geometry geo = geometry(xd);
   const ChannelTensors ct = channel_tensors(x, mean, invstd, w, b, prelu_w, act);
+  const Dropout d = dropout_of(xd, p, seed);
   // Divided as the reference does: a tensor by the integer count.
   const at::Tensor a = channel_values(sum_dz, x, 0.0) / count;
   const at::Tensor q = channel_values(sum_dz_xhat, x, 0.0) / count;
   launch_bn_bwd_elemt(dtype_of(x), gd.const_data_ptr(), xd.const_data_ptr(),
-                      ct.params(act, slope), a.const_data_ptr(), q.const_data_ptr(),
+                      ct.params(act, slope, d.drop, d.map), a.const_data_ptr(), q.const_data_ptr(),
                       gi.mutable_data_ptr(), geo.shape, geo.grid, stream());
   check_launch();
   return gi;
@@ -177,26 +208,29 @@ at::Tensor batch_norm_act_backward_elemt(
 // The whole training forward and backward: the kernels above in sequence, glue in C++.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
     const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope) {
+    const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope, double p,
+    int64_t seed) {
   check_cuda(x, "input");
   check_batch_norm_params(x, w, b, prelu_w, act);
   auto [mean, var] = batch_norm_stats(x);
   at::Tensor invstd = (var + eps).rsqrt();
-  at::Tensor y = batch_norm_act_forward(x, mean, invstd, w, b, prelu_w, act, slope);
+  at::Tensor y = batch_norm_act_forward(x, mean, invstd, w, b, prelu_w, act, slope, p, seed);
   return {y, mean, invstd, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& prelu_w, int64_t act, double slope, bool training) {
+    const std::optional<at::Tensor>& prelu_w, int64_t act, double slope, bool training, double p,
+    int64_t seed) {
   auto [sum_dz, sum_dz_xhat, grad_prelu] =
-      batch_norm_act_backward_reduce(grad, x, mean, invstd, w, b, prelu_w, act, slope);
+      batch_norm_act_backward_reduce(grad, x, mean, invstd, w, b, prelu_w, act, slope, p, seed);
   const int64_t count = std::max<int64_t>(1, x.numel() / std::max<int64_t>(1, x.size(1)));
   // eval mode: the statistics are constants, so the mean terms vanish
   const at::Tensor a = training ? sum_dz : at::zeros_like(sum_dz);
   const at::Tensor q = training ? sum_dz_xhat : at::zeros_like(sum_dz_xhat);
-  at::Tensor gi = batch_norm_act_backward_elemt(grad, x, mean, invstd, w, b, prelu_w, a, q, count, act, slope);
+  at::Tensor gi =
+      batch_norm_act_backward_elemt(grad, x, mean, invstd, w, b, prelu_w, a, q, count, act, slope, p, seed);
   return {gi, sum_dz, sum_dz_xhat, grad_prelu};
 }
 

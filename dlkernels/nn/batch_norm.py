@@ -15,6 +15,7 @@ from torch import Tensor
 
 from dlkernels.nn._twins import register_chain, register_twin
 from dlkernels.ops import batch_norm as _ops
+from dlkernels.ops.dropout import _check_p
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
            "SyncBatchNorm"]
@@ -42,12 +43,18 @@ class _FusedForward:
         if bn_training and self._sync_world() > 1:
             return _ops.sync_batch_norm_act(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
                                             self.activation, self.negative_slope, self._prelu_weight(),
-                                            self.process_group or dist.group.WORLD)
+                                            self.process_group or dist.group.WORLD, dropout=self._dropout_p())
         return _ops.batch_norm_act(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                                   self.eps, self.activation, self.negative_slope, self._prelu_weight())
+                                   self.eps, self.activation, self.negative_slope, self._prelu_weight(),
+                                   self._dropout_p())
 
     def _prelu_weight(self) -> Tensor | None:
         return getattr(self, "prelu_weight", None)  # a Parameter on BatchNormAct(activation="prelu")
+
+    def _dropout_p(self) -> float:
+        # BatchNormAct(dropout=p) drops in training mode only, as torch.nn.Dropout: an eval module
+        # without running statistics still normalizes with batch statistics, but drops nothing
+        return getattr(self, "dropout", 0.0) if self.training else 0.0
 
     def _sync_world(self) -> int:
         if not self.sync or not dist.is_available() or not dist.is_initialized():
@@ -123,10 +130,9 @@ class _BatchNormAct(_FusedForward, torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if activation not in _ops.ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(_ops.ACTIVATIONS)}, got {activation!r}")
-        if dropout != 0.0:
-            raise NotImplementedError("BatchNormAct dropout arrives with dlkernels' dropout kernels; use dropout=0.0")
         self.activation, self.negative_slope = activation, float(negative_slope)
-        self.dropout, self.sync, self.process_group = dropout, sync, process_group
+        # torch.nn.Dropout's check and message; the mask is drawn per call (default generator)
+        self.dropout, self.sync, self.process_group = _check_p(dropout), sync, process_group
         if activation == "prelu":
             if prelu_parameters not in (1, num_features):
                 raise ValueError(f"prelu_parameters must be 1 or num_features={num_features}, got {prelu_parameters}")
@@ -178,7 +184,8 @@ class _BatchNormAct(_FusedForward, torch.nn.modules.batchnorm._BatchNorm):
             act += f", prelu_parameters={self._prelu_weight().numel()}"
             if self._prelu_owner is not None:
                 act += " (weight shared with a PReLU)"
-        return f"{super().extra_repr()}, {act}" + (", sync=True" if self.sync else "")
+        drop = f", dropout={self.dropout}" if self.dropout else ""
+        return f"{super().extra_repr()}, {act}{drop}" + (", sync=True" if self.sync else "")
 
 
 class BatchNormAct1d(_BatchNormAct):

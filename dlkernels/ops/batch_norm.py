@@ -7,6 +7,11 @@
 - ``batch_norm_act_backward(...) -> (grad_x, grad_w, grad_b, grad_prelu)``: one reduction pass
   over (grad, x) and one elementwise pass; the pre-activation is recomputed from x and the
   per-channel statistics, never saved.
+- ``batch_norm_act_train_dropout(x, ..., p, seed) -> (y, mean, invstd, var, seed)``: the training
+  forward with dropout after the activation in the same pass (docs/dropout.md). As the dropout
+  family's ops, it draws its seed inside the op when none is given, returns it, and is tagged
+  nondeterministic_seeded; its backward is ``batch_norm_act_backward`` with ``p`` and the seed,
+  whose two passes regenerate the mask (nothing per element is saved for it).
 Running statistics are updated by the caller with torch ops on [C]-sized buffers (the momentum
 factor may be a tensor, so ``momentum=None`` does not break ``fullgraph``).
 """
@@ -23,6 +28,7 @@ from dlkernels._backend import impl, use_backend
 from dlkernels._dtypes import REDUCED_DTYPES, compute_dtype
 from dlkernels.ops import _checks
 from dlkernels.ops._op import custom_op
+from dlkernels.ops.dropout import _SEEDED, _check_p, _seed_arg, _seed_fake, _seed_used
 from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU
 
 _FAMILY = "batch_norm"
@@ -62,10 +68,11 @@ def _train_setup(ctx, inputs, output) -> None:
 
 def _input_grads(ctx, grad: Tensor, need: tuple[bool, bool, bool, bool]) -> list[Tensor | None]:
     """Gradients for (x, weight, bias, prelu_weight), None where not needed."""
-    x, weight, bias, prelu_weight, mean, invstd = ctx.saved_tensors
+    x, weight, bias, prelu_weight, mean, invstd, *seed = ctx.saved_tensors  # the seed: under dropout
     if not ctx.training:  # eval saved the running statistics: the backward derives invstd
         mean, invstd = _eval_stats(x, mean, invstd, ctx.eps)
-    grads = _backward_op(grad, x, weight, bias, prelu_weight, mean, invstd, ctx.act, ctx.slope, ctx.training)
+    drop = (ctx.p, seed[0]) if seed else ()
+    grads = _backward_op(grad, x, weight, bias, prelu_weight, mean, invstd, ctx.act, ctx.slope, ctx.training, *drop)
     return [g if n else None for g, n in zip(grads, need, strict=True)]
 
 
@@ -74,6 +81,36 @@ def _backward(ctx, grad: Tensor, *unused: Tensor):
 
 
 _train.register_autograd(_backward, setup_context=_train_setup)
+
+
+# ---- training forward with dropout after the activation ----
+
+@custom_op("dlkernels::batch_norm_act_train_dropout", tags=_SEEDED)
+def _train_dropout(x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None, eps: float,
+                   act: int, slope: float, p: float,
+                   seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    s = _seed_used(seed)
+    return (*kernels("batch_norm_act_train", x)(x, weight, bias, prelu_weight, eps, act, slope, p, int(s)), s)
+
+
+@_train_dropout.register_fake
+def _(x, weight, bias, prelu_weight, eps, act, slope, p, seed):
+    return torch.empty_like(x), _channel_empty(x), _channel_empty(x), _channel_empty(x), _seed_fake()
+
+
+def _train_dropout_setup(ctx, inputs, output) -> None:
+    x, weight, bias, prelu_weight, _, act, slope, p, _ = inputs
+    _, mean, invstd, _, seed = output
+    # the seed (8 bytes), not a mask: the backward regenerates it
+    ctx.save_for_backward(x, weight, bias, prelu_weight, mean, invstd, seed)
+    ctx.act, ctx.slope, ctx.training, ctx.p = act, slope, True, p
+
+
+def _train_dropout_backward(ctx, grad: Tensor, *unused: Tensor):
+    return (*_input_grads(ctx, grad, ctx.needs_input_grad[:4]), None, None, None, None, None)
+
+
+_train_dropout.register_autograd(_train_dropout_backward, setup_context=_train_dropout_setup)
 
 
 # ---- eval forward ----
@@ -121,10 +158,12 @@ _eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 @custom_op("dlkernels::batch_norm_act_backward", mutates_args=())
 def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weight: Tensor | None,
-                 mean: Tensor, invstd: Tensor, act: int, slope: float,
-                 training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 mean: Tensor, invstd: Tensor, act: int, slope: float, training: bool, p: float = 0.0,
+                 seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # p > 0: the forward's dropout, whose mask both passes regenerate from the seed
+    drop = (p, int(seed)) if p > 0 else ()
     gx, sum_dz, sum_dz_xhat, grad_prelu = kernels("batch_norm_act_backward", x)(
-        grad, x, mean, invstd, weight, bias, prelu_weight, act, slope, training)
+        grad, x, mean, invstd, weight, bias, prelu_weight, act, slope, training, *drop)
     # Copies: a backend may return both sums as rows of one buffer, and op outputs may not alias.
     gw = sum_dz_xhat.to(weight.dtype, copy=True) if weight is not None else sum_dz_xhat.new_empty(0)
     gb = sum_dz.to(bias.dtype, copy=True) if bias is not None else sum_dz.new_empty(0)
@@ -132,7 +171,7 @@ def _backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | 
 
 
 @_backward_op.register_fake
-def _(grad, x, weight, bias, prelu_weight, mean, invstd, act, slope, training):
+def _(grad, x, weight, bias, prelu_weight, mean, invstd, act, slope, training, p=0.0, seed=None):
     gw = torch.empty_like(weight) if weight is not None else x.new_empty(0, dtype=compute_dtype(x))
     gb = torch.empty_like(bias) if bias is not None else x.new_empty(0, dtype=compute_dtype(x))
     gp = torch.empty_like(prelu_weight) if act == ACT_PRELU else x.new_empty(0, dtype=compute_dtype(x))
@@ -210,22 +249,45 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                    momentum: float | Tensor = 0.1, eps: float = 1e-5, activation: str | None = "leaky_relu",
-                   negative_slope: float = 0.01, prelu_weight: Tensor | None = None) -> Tensor:
+                   negative_slope: float = 0.01, prelu_weight: Tensor | None = None, dropout: float = 0.0, *,
+                   generator: torch.Generator | None = None, seed: int | None = None) -> Tensor:
     """``activation(batch_norm(...))`` in one fused pass (two in training: statistics, then
     normalize+activate). activation: None, "relu", "leaky_relu" (negative_slope) or "prelu"
-    (prelu_weight: 1 or C slopes). The backward recomputes the pre-activation instead of saving it."""
+    (prelu_weight: 1 or C slopes). The backward recomputes the pre-activation instead of saving it.
+
+    dropout: in training, ``dlkernels.functional.dropout(y, dropout, seed=...)`` of that output in
+    the same pass (bit for bit), its mask regenerated by the backward from the seed rather than
+    saved. ``seed`` (an int) or ``generator`` (one 64-bit draw) fixes the mask; by default the op
+    draws one value from torch's default CPU generator. The running statistics are those of the
+    input, as without dropout; eval (``training=False``) applies no dropout and draws nothing."""
     _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight)
     act = ACTIVATIONS[activation]
     slope = _checks.number_arg("batch_norm_act", "negative_slope", 10, negative_slope)
+    p = _check_p(dropout)
     prelu = prelu_weight if act == ACT_PRELU else None
     if not training:
+        _check_seed_args(seed, generator)
         if running_mean is None:  # an empty input (checked above): as torch, an empty output
             return input.clone()
         return _eval(input, running_mean, running_var, weight, bias, prelu, eps, act, slope)
-    y, mean, _, var = _train(input, weight, bias, prelu, eps, act, slope)
+    if p == 0.0 or p == 1.0 or input.numel() == 0:  # no mask to draw
+        _check_seed_args(seed, generator)
+        y, mean, _, var = _train(input, weight, bias, prelu, eps, act, slope)
+        if p == 1.0:  # torch's dropout: y * 0 (a NaN or inf stays NaN)
+            y = y * y.new_zeros(())
+    else:
+        y, mean, _, var, _ = _train_dropout(input, weight, bias, prelu, eps, act, slope, p, _seed_arg(seed, generator))
     if running_mean is not None and input.numel() > 0:  # an empty batch leaves them as they are, as torch
         update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
     return y
+
+
+def _check_seed_args(seed: int | None, generator: torch.Generator | None) -> None:
+    """dropout's checks of seed= and generator= where no mask is drawn (nothing is drawn)."""
+    if seed is not None:
+        _seed_arg(seed, generator)
+    elif generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
+        raise TypeError(f"dropout: generator must be a CPU torch.Generator, got {generator!r}")
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
@@ -253,16 +315,19 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 def sync_batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                         weight: Tensor | None, bias: Tensor | None, momentum: float | Tensor, eps: float,
                         activation: str | None, negative_slope: float, prelu_weight: Tensor | None,
-                        group: Any) -> Tensor:
+                        group: Any, dropout: float = 0.0) -> Tensor:
     """Training-mode batch_norm_act with statistics over every rank of ``group`` (a
-    torch.distributed process group, already initialized), as torch's SyncBatchNorm."""
+    torch.distributed process group, already initialized), as torch's SyncBatchNorm. dropout: as
+    batch_norm_act's, each rank's mask over its own input (seed from the default generator)."""
     _check(input, running_mean, running_var, weight, bias, True, eps, activation, prelu_weight,
            local_batch=False)  # the total over all ranks is checked once they are gathered
     act = ACTIVATIONS[activation]
     prelu = prelu_weight if act == ACT_PRELU else None
     slope = _checks.number_arg("sync_batch_norm_act", "negative_slope", 9, negative_slope)
-    return _SyncBatchNormAct.apply(input, weight, bias, prelu, running_mean, running_var, eps, momentum, act, slope,
-                                   group)
+    p = _check_p(dropout)
+    y = _SyncBatchNormAct.apply(input, weight, bias, prelu, running_mean, running_var, eps, momentum, act, slope,
+                                group, p if p < 1.0 else 0.0)
+    return y * y.new_zeros(()) if p == 1.0 else y
 
 
 class _SyncBatchNormAct(torch.autograd.Function):
@@ -270,7 +335,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
     all-reduces the two per-channel sums. Weight/bias/slope gradients stay local, as torch's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, prelu, running_mean, running_var, eps, factor, act, slope, group):
+    def forward(ctx, x, weight, bias, prelu, running_mean, running_var, eps, factor, act, slope, group, p):
         k = lambda name: kernels(name, x)  # noqa: E731
         mean, var = k("batch_norm_stats")(x)
         count = torch.full_like(mean, x.numel() // max(x.shape[1], 1))
@@ -289,9 +354,11 @@ class _SyncBatchNormAct(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
         if running_mean is not None and total > 0:
             update_running_stats(running_mean, running_var, g_mean, g_var, total, factor)
-        y = k("batch_norm_act_forward")(x, g_mean, invstd, weight, bias, prelu, act, slope)
+        # dropout (p > 0 on a non-empty input): one seed drawn here, kept for the backward's passes
+        drop = (p, int(_seed_used(None))) if p > 0 and x.numel() > 0 else ()
+        y = k("batch_norm_act_forward")(x, g_mean, invstd, weight, bias, prelu, act, slope, *drop)
         ctx.save_for_backward(x, weight, bias, prelu, g_mean, invstd)
-        ctx.act, ctx.slope, ctx.group, ctx.total = act, slope, group, total
+        ctx.act, ctx.slope, ctx.group, ctx.total, ctx.drop = act, slope, group, total, drop
         return y
 
     @staticmethod
@@ -299,21 +366,22 @@ class _SyncBatchNormAct(torch.autograd.Function):
         x, weight, bias, prelu, mean, invstd = ctx.saved_tensors
         k = lambda name: kernels(name, x)  # noqa: E731
         sum_dz, sum_dz_xhat, grad_prelu = k("batch_norm_act_backward_reduce")(
-            grad, x, mean, invstd, weight, bias, prelu, ctx.act, ctx.slope)
+            grad, x, mean, invstd, weight, bias, prelu, ctx.act, ctx.slope, *ctx.drop)
         both = torch.stack([sum_dz, sum_dz_xhat])
         dist.all_reduce(both, group=ctx.group)
         gx = k("batch_norm_act_backward_elemt")(grad, x, mean, invstd, weight, bias, prelu, both[0], both[1],
-                                                ctx.total, ctx.act, ctx.slope)
+                                                ctx.total, ctx.act, ctx.slope, *ctx.drop)
         gw = sum_dz_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb = sum_dz.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         gp = grad_prelu if prelu is not None and ctx.needs_input_grad[3] else None
-        return gx, gw, gb, gp, None, None, None, None, None, None, None
+        return gx, gw, gb, gp, None, None, None, None, None, None, None, None
 
 
 # ---- `python -m dlkernels` ----
 
 def self_check(device: torch.device) -> float:
-    """Max abs difference to the reference over fused BN + PReLU, training and eval, with gradients."""
+    """Max abs difference to the reference over fused BN + PReLU, training (also with dropout) and
+    eval, with gradients."""
     from dlkernels import functional  # imports this module: import at call time
 
     gen = torch.Generator().manual_seed(0)
@@ -323,10 +391,12 @@ def self_check(device: torch.device) -> float:
 
     def run() -> list[torch.Tensor]:
         out = []
-        for training, xi in ((True, x), (False, x.to(memory_format=torch.channels_last))):
+        for training, xi, drop in ((True, x, 0.0), (False, x.to(memory_format=torch.channels_last), 0.0),
+                                   (True, x.to(memory_format=torch.channels_last), 0.3)):
             xr, wr, br, pr = (t.clone().requires_grad_() for t in (xi, w, b, p))
             rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
-            y = functional.batch_norm_act(xr, rm, rv, wr, br, training, activation="prelu", prelu_weight=pr)
+            y = functional.batch_norm_act(xr, rm, rv, wr, br, training, activation="prelu", prelu_weight=pr,
+                                          dropout=drop, seed=5)
             out += [y, rm, rv, *torch.autograd.grad(y, (xr, wr, br, pr), g)]
         return out
 

@@ -23,6 +23,12 @@ Backend contract (every backend module of the family has these functions, same a
 weight/bias may be None (1 and 0); they and mean/invstd/prelu_weight may be float32 for fp16/bf16 x.
 act: ACT_NONE, ACT_RELU, ACT_LEAKY_RELU (slope = negative_slope), ACT_PRELU (prelu_weight: 1 or C
 slopes). Reduced-precision x computes in float32; float64 in float64.
+
+Dropout after the activation: every function but ``batch_norm_stats`` takes ``p=0.0, seed=0`` last
+(p = 0: none; else 0 < p < 1, docs/dropout.md). The forward gives exactly
+``dropout(batch_norm_act_forward(...), p, seed)``: y rounded to x's dtype, then times the mask of
+each element's logical index, rounded again. The backward passes take ``dL/dy * m`` (the mask
+regenerated from the seed, in the compute type) where they took ``dL/dy``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import Tensor
 
 from dlkernels._dtypes import compute_dtype
 from dlkernels.codes import Activation
+from dlkernels.reference import dropout as _dropout
 
 ACT_NONE, ACT_RELU = int(Activation.NONE), int(Activation.RELU)
 ACT_LEAKY_RELU, ACT_PRELU = int(Activation.LEAKY_RELU), int(Activation.PRELU)
@@ -80,9 +87,17 @@ def _activate(z: Tensor, x: Tensor, prelu_weight, act: int, slope: float) -> Ten
     return z
 
 
-def batch_norm_act_forward(x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float) -> Tensor:
+def batch_norm_act_forward(x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float, p: float = 0.0,
+                           seed: int = 0) -> Tensor:
     _, z = _pre_activation(x, mean, invstd, weight, bias)
-    return _activate(z, x, prelu_weight, act, slope).to(x.dtype)
+    y = _activate(z, x, prelu_weight, act, slope).to(x.dtype)
+    return _dropout.dropout(y, p, seed, False) if p > 0 else y
+
+
+def _dropped(grad: Tensor, x: Tensor, p: float, seed: int) -> Tensor:
+    """grad in the compute type, times the dropout mask when p > 0."""
+    g = grad.to(compute_dtype(x))
+    return g * _dropout._multiplier(x, p, seed) if p > 0 else g
 
 
 def _act_backward(grad: Tensor, z: Tensor, x: Tensor, prelu_weight, act: int, slope: float) -> Tensor:
@@ -96,8 +111,10 @@ def _act_backward(grad: Tensor, z: Tensor, x: Tensor, prelu_weight, act: int, sl
     return g
 
 
-def batch_norm_act_backward_reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float):
+def batch_norm_act_backward_reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float,
+                                   p: float = 0.0, seed: int = 0):
     xhat, z = _pre_activation(x, mean, invstd, weight, bias)
+    grad = _dropped(grad, x, p, seed)
     dz = _act_backward(grad, z, x, prelu_weight, act, slope)
     sum_dz, sum_dz_xhat = dz.sum(_dims(x)), (dz * xhat).sum(_dims(x))
     if act == ACT_PRELU:
@@ -110,9 +127,9 @@ def batch_norm_act_backward_reduce(grad, x, mean, invstd, weight, bias, prelu_we
 
 
 def batch_norm_act_backward_elemt(grad, x, mean, invstd, weight, bias, prelu_weight, sum_dz, sum_dz_xhat,
-                                  count: int, act: int, slope: float) -> Tensor:
+                                  count: int, act: int, slope: float, p: float = 0.0, seed: int = 0) -> Tensor:
     xhat, z = _pre_activation(x, mean, invstd, weight, bias)
-    dz = _act_backward(grad, z, x, prelu_weight, act, slope)
+    dz = _act_backward(_dropped(grad, x, p, seed), z, x, prelu_weight, act, slope)
     scale = _per_channel(weight, x, 1.0) * _per_channel(invstd, x, 1.0)
     q = _per_channel(sum_dz_xhat, x, 0.0) / count
     # the xhat term vanishes where its coefficient is 0 (eval), also at an infinite x: not 0 * inf = NaN
@@ -124,10 +141,11 @@ def batch_norm_act_backward_elemt(grad, x, mean, invstd, weight, bias, prelu_wei
 def compose_train(stats: Callable, forward: Callable) -> Callable:
     """A backend's batch_norm_act_train from its batch_norm_stats and batch_norm_act_forward."""
 
-    def batch_norm_act_train(x, weight, bias, prelu_weight, eps: float, act: int, slope: float):
+    def batch_norm_act_train(x, weight, bias, prelu_weight, eps: float, act: int, slope: float, p: float = 0.0,
+                             seed: int = 0):
         mean, var = stats(x)
         invstd = torch.rsqrt(var + eps)
-        return forward(x, mean, invstd, weight, bias, prelu_weight, act, slope), mean, invstd, var
+        return forward(x, mean, invstd, weight, bias, prelu_weight, act, slope, p, seed), mean, invstd, var
 
     return batch_norm_act_train
 
@@ -136,11 +154,12 @@ def compose_backward(reduce: Callable, elemt: Callable) -> Callable:
     """A backend's batch_norm_act_backward from its backward_reduce and backward_elemt."""
 
     def batch_norm_act_backward(grad, x, mean, invstd, weight, bias, prelu_weight, act: int, slope: float,
-                                training: bool):
-        sum_dz, sum_dz_xhat, grad_prelu = reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act, slope)
+                                training: bool, p: float = 0.0, seed: int = 0):
+        sum_dz, sum_dz_xhat, grad_prelu = reduce(grad, x, mean, invstd, weight, bias, prelu_weight, act, slope, p,
+                                                 seed)
         a, q = (sum_dz, sum_dz_xhat) if training else (torch.zeros_like(sum_dz), torch.zeros_like(sum_dz_xhat))
         count = max(1, x.numel() // max(1, x.shape[1]))
-        gx = elemt(grad, x, mean, invstd, weight, bias, prelu_weight, a, q, count, act, slope)
+        gx = elemt(grad, x, mean, invstd, weight, bias, prelu_weight, a, q, count, act, slope, p, seed)
         return gx, sum_dz, sum_dz_xhat, grad_prelu
 
     return batch_norm_act_backward
