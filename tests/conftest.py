@@ -93,3 +93,21 @@ def make_layout(shape, dtype, layout: str, tag="x") -> torch.Tensor:
     assert x.shape == shape
     assert (layout == "strided") == (x.stride() != torch.empty_like(x).stride())  # not dense, or dense
     return x
+
+
+def case_gen(*case) -> torch.Generator:
+    """A generator seeded from a stable hash of the case."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def make_image(shape, dtype, layout="contiguous", *case) -> torch.Tensor:
+    """Images of values around 1 with unit-ish contrast (the contrast-normalization tests), in
+    `layout`: contiguous, channels_last or strided (every other column of a wider tensor)."""
+    gen = case_gen(shape, dtype, layout, *case)
+    if layout == "strided":
+        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)[..., ::2] * 2 + 1
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    return x.to(dtype)

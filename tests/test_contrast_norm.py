@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from conftest import DTYPES, assert_close_like_torch, backend_params
+from conftest import case_gen as _gen
+from conftest import make_image as make
 
 import dlkernels
 import dlkernels.functional as F
@@ -21,22 +22,6 @@ from dlkernels.reference.contrast_norm import gcn
 
 BACKENDS = backend_params("cpu")
 STYLES = ["book", "pylearn2_std", "pylearn2_l2"]
-
-
-def _gen(*case) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-
-
-def make(shape, dtype, layout="contiguous", *case) -> torch.Tensor:
-    """Images with a non-zero mean and unit-ish contrast, in `layout`."""
-    gen = _gen(shape, dtype, layout, *case)
-    if layout == "strided":  # every other column of a wider tensor: not dense
-        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)[..., ::2] * 2 + 1
-    else:
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    return x.to(dtype)
 
 
 def compare(backend, x, kwargs, grad_seed="g"):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from conftest import DTYPES, assert_close_like_torch, backend_params
+from conftest import case_gen as _gen
+from conftest import make_image as make
 
 import dlkernels
 import dlkernels.functional as F
@@ -26,22 +27,6 @@ BACKENDS = backend_params("cpu")
 NOT_TRITON = [p for p in BACKENDS if p.values[0] != "triton"]
 MODES = [("local", False), ("lecun", False), ("local", True), ("lecun", True)]
 MODE_IDS = ["local", "lecun", "local-across", "lecun-across"]
-
-
-def _gen(*case) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-
-
-def make(shape, dtype, layout="contiguous", *case) -> torch.Tensor:
-    """Images of values around 1 with unit-ish local contrast, in `layout`."""
-    gen = _gen(shape, dtype, layout, *case)
-    if layout == "strided":  # every other column of a wider tensor: not dense
-        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen, dtype=torch.float64)[..., ::2] * 2 + 1
-    else:
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
-        if layout == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    return x.to(dtype)
 
 
 def compare(backend, x, kwargs, grad_seed="g"):
