@@ -3,8 +3,6 @@
 // [C, inner] tiles, walked with per-element vectors of the constants (one [8, unit] table) and
 // per-element accumulators folded per channel; reductions group the units into fixed pieces
 // (independent of the thread count, so results are deterministic).
-#include <ATen/ops/from_blob.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -57,19 +55,26 @@ int64_t unit_len(const ChannelView& v) {
 }
 
 // The constants laid out as one tile-path unit: row f of this [8, unit_len] compute-type table is
-// field f of RowK for each element's channel.
+// field f of RowK for each element's channel. Plain loops: tensor ops here would cost more than
+// the kernels on the small inputs (ResNet's late layers) this path serves.
 template <typename C>
-at::Tensor tiled(const Ks& ks, const ChannelView& v) {
+std::vector<C> tiled(const Ks& ks, const ChannelView& v) {
   static_assert(sizeof(RowK<double>) == 8 * sizeof(double));
-  const int64_t reps = unit_len(v) / (v.channels * v.inner);
-  const at::Tensor t = at::from_blob(const_cast<RowK<double>*>(ks.data()), {int64_t(ks.size()), 8}, at::kDouble);
-  return t.t().to(c10::CppTypeToScalarType<C>::value).repeat_interleave(v.inner, 1).repeat({1, reps}).contiguous();
+  const int64_t len = unit_len(v), tile = v.channels * v.inner;
+  std::vector<C> t(8 * len);
+  for (int f = 0; f < 8; ++f) {
+    C* row = t.data() + f * len;
+    for (int64_t c = 0; c < v.channels; ++c)
+      std::fill_n(row + c * v.inner, v.inner, C(reinterpret_cast<const double*>(&ks[c])[f]));
+    for (int64_t r = tile; r < len; r += tile) std::copy_n(row, tile, row + r);
+  }
+  return t;
 }
 
 template <typename C>
-VecK<C> vec_consts(const at::Tensor& table, int64_t off) {
-  const int64_t n = table.size(1);
-  const C* p = table.const_data_ptr<C>() + off;
+VecK<C> vec_consts(const std::vector<C>& table, int64_t off) {
+  const int64_t n = int64_t(table.size()) / 8;
+  const C* p = table.data() + off;
   return {p, p + n, p + 2 * n, p + 3 * n, p + 4 * n, p + 5 * n, p + 6 * n, p + 7 * n};
 }
 
@@ -78,10 +83,14 @@ VecK<C> vec_consts(const at::Tensor& table, int64_t off) {
 struct Pieces {
   int64_t len, units, per_piece, count;
 };
+// A piece is at least kPiece elements and, for large tiles (NCHW with a small spatial extent),
+// up to 8 tiles, so that folding its accumulators per channel (a tile's worth of work) stays a
+// small share; but at most a quarter of the tensor, which keeps two threads busy.
 Pieces pieces_of(const ChannelView& v) {
   const int64_t len = unit_len(v), total = v.outer * v.channels * v.inner;
   const int64_t units = (total + len - 1) / len;
-  const int64_t per_piece = std::max<int64_t>(1, kPiece / len);
+  const int64_t target = std::max(kPiece, std::min(8 * v.channels * v.inner, total / 4));
+  const int64_t per_piece = std::max<int64_t>(1, target / len);
   return {len, units, per_piece, (units + per_piece - 1) / per_piece};
 }
 
@@ -91,7 +100,15 @@ template <typename C>
 void fold_to_channels(C* vals, int64_t len, const ChannelView& v, double* out) {
   const int64_t tile = v.channels * v.inner;
   for (int64_t r = tile; r < len; r += tile) col_sum(vals + r, vals, tile);
-  for (int64_t t = 0; t < tile; ++t) out[t / v.inner] += vals[t];
+  for (int64_t c = 0; c < v.channels; ++c) {  // four chains: a channel's run is short
+    const C* p = vals + c * v.inner;
+    double s[4] = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 4 <= v.inner; i += 4)
+      for (int k = 0; k < 4; ++k) s[k] += double(p[i + k]);
+    for (; i < v.inner; ++i) s[0] += double(p[i]);
+    out[c] += (s[0] + s[1]) + (s[2] + s[3]);
+  }
 }
 
 // ---- the passes ----
@@ -137,7 +154,7 @@ void stats(const S* x, const ChannelView& v, const double* shift, Moments& m) {
         n_p[c] = rows * double(v.inner);
         mu_p[c] = sum[c] / n_p[c];
       }
-      for (int64_t t = 0; t < tile; ++t) tmean[t] = C(mu_p[t / v.inner]);
+      for (int64_t c = 0; c < channels; ++c) std::fill_n(tmean.begin() + c * v.inner, v.inner, C(mu_p[c]));
       for (int64_t r = tile; r < pc.len; r += tile) std::copy_n(tmean.begin(), tile, tmean.begin() + r);
       std::fill(acc.begin(), acc.end(), C(0));
       std::fill(res.begin(), res.end(), C(0));
@@ -159,7 +176,7 @@ void stats(const S* x, const ChannelView& v, const double* shift, Moments& m) {
 template <typename S>
 void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   using C = compute_t<S>;
-  const at::Tensor kt = tiled<C>(ks, v);
+  const std::vector<C> kt = tiled<C>(ks, v);
   for_each_unit(v, unit_len(v), [&](int64_t, int64_t off, int64_t len) {
     C xb[kBlock], yb[kBlock];
     WordBufs wb;
@@ -181,7 +198,7 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
             const BnDropout* d) {
   using C = compute_t<S>;
   const int64_t channels = v.channels;
-  const at::Tensor kt = tiled<C>(ks, v);
+  const std::vector<C> kt = tiled<C>(ks, v);
   const Pieces pc = pieces_of(v);
   const int64_t total = v.outer * channels * v.inner;
   std::vector<double> part(3 * pc.count * channels, 0.0);
@@ -209,7 +226,7 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
 template <typename S>
 void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   using C = compute_t<S>;
-  const at::Tensor kt = tiled<C>(ks, v);
+  const std::vector<C> kt = tiled<C>(ks, v);
   for_each_unit(v, unit_len(v), [&](int64_t, int64_t off, int64_t len) {
     C gb[kBlock], xb[kBlock], ob[kBlock];
     WordBufs wb;
