@@ -1,7 +1,8 @@
 """The CPU kernels at each SIMD level this CPU runs below its best (the best level is what the
 rest of the test run uses), each in a subprocess under DLK_CPU_CAPABILITY=<level>, which the
 extension reads when it loads: the numerical tests of every family pass there, and every level
-gives the same bits as the best one (no FMA contraction: see setup.py)."""
+gives the same bits as the best one (no FMA contraction: see setup.py), as do the streaming
+stores of outputs larger than the L3."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     run(f"leaky {dt}", lambda x: F.leaky_relu(x, -0.3), x)
     run(f"prelu {dt}", F.prelu, x, w)
     run(f"prelu CL {dt}", F.prelu, x.to(memory_format=torch.channels_last), w)
+    run(f"prelu rows {dt}", F.prelu, x[:2].reshape(2, 37, 35)[:, :5].reshape(2, 5, 5, 7).repeat(1, 1, 2, 2), w[:5])
     run(f"dropout {dt}", lambda x: F.dropout(x, 0.3, seed=5), x)
     run(f"dropout2d CL {dt}", lambda x: F.dropout2d(x, 0.5, seed=6), x.to(memory_format=torch.channels_last))
     run(f"leaky dropout {dt}", lambda x: F.leaky_relu_dropout(x, 0.1, 0.2, seed=7), x)
@@ -89,24 +91,42 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _outputs(level: str | None, path: Path) -> dict:
-    env = dict(os.environ)
-    env.pop("DLK_CPU_CAPABILITY", None)
+def _outputs(level: str | None, path: Path, **extra_env: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DLK_CPU_CAPABILITY", "DLK_STREAM_BYTES")}
     if level is not None:
         env["DLK_CPU_CAPABILITY"] = level
+    env.update(extra_env)
     proc = subprocess.run([sys.executable, "-c", OUTPUTS_SCRIPT, str(path)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(path)
 
 
-@pytest.mark.parametrize("level", _lower_levels())
-def test_every_level_gives_the_same_bits(level, tmp_path):
-    best, ours = _outputs(None, tmp_path / "best.pt"), _outputs(level, tmp_path / f"{level}.pt")
+@pytest.fixture(scope="module")
+def best_outputs(tmp_path_factory) -> dict:
+    if _backend._C is None:
+        pytest.skip("dlkernels._C is not built")
+    return _outputs(None, tmp_path_factory.mktemp("best") / "best.pt")
+
+
+def _assert_same_bits(best: dict, ours: dict, what: str) -> None:
     assert best.keys() == ours.keys()
     bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731  (NaNs compare too)
     differ = [k for k in best if not torch.equal(bits(best[k]), bits(ours[k]))]
-    assert not differ, f"{len(differ)} of {len(best)} outputs differ from the best level's: {differ[:10]}"
+    assert not differ, f"{what}: {len(differ)} of {len(best)} outputs differ from the best level's: {differ[:10]}"
+
+
+@pytest.mark.parametrize("level", _lower_levels())
+def test_every_level_gives_the_same_bits(level, best_outputs, tmp_path):
+    _assert_same_bits(best_outputs, _outputs(level, tmp_path / f"{level}.pt"), f"DLK_CPU_CAPABILITY={level}")
+
+
+def test_streaming_stores_give_the_same_bits(best_outputs, tmp_path):
+    """Outputs larger than the L3 are written with streaming stores (loadstore.h), which inputs of
+    test size never reach; DLK_STREAM_BYTES=0 streams every float/double output (odd sizes, so the
+    unaligned heads and tails too)."""
+    ours = _outputs(None, tmp_path / "stream.pt", DLK_STREAM_BYTES="0")
+    _assert_same_bits(best_outputs, ours, "DLK_STREAM_BYTES=0")
 
 
 @pytest.mark.parametrize("level", _lower_levels())

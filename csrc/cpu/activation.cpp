@@ -100,36 +100,41 @@ DLK_MULTIVERSION(void, prelu_bwd_vec, (const double* g, const double* x, const d
 // inner == 1) run over whole [C, inner] tiles with a slope per element.
 constexpr int64_t kRowMin = 64;
 
+// nt: stream the output (loadstore.h's streams()).
 template <typename S>
-void leaky_fwd_range(const S* x, S* y, int64_t n, compute_t<S> slope) {
+void leaky_fwd_range(const S* x, S* y, int64_t n, compute_t<S> slope, bool nt) {
   using C = compute_t<S>;
   if constexpr (std::is_same_v<S, c10::BFloat16>) return leaky_fwd(x, y, n, slope);
   C xb[kBlock], yb[kBlock];
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
-    leaky_fwd(load(x + i, xb, m), out_ptr(y + i, yb), m, slope);
-    store(yb, y + i, m);
+    leaky_fwd(load(x + i, xb, m), out_block(y + i, yb, nt), m, slope);
+    store_out(yb, y + i, m, nt);
   }
 }
 
 template <typename S>
 void leaky_fwd_impl(const S* x, S* y, int64_t n, double slope) {
+  const bool nt = streams<S>(n);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    leaky_fwd_range(x + b, y + b, e - b, compute_t<S>(slope));
+    leaky_fwd_range(x + b, y + b, e - b, compute_t<S>(slope), nt);
+    if (nt) stream_fence();
   });
 }
 
 template <typename S>
 void leaky_bwd_impl(const S* g, const S* x, S* gi, int64_t n, double slope) {
   using C = compute_t<S>;
+  const bool nt = streams<S>(n);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     if constexpr (std::is_same_v<S, c10::BFloat16>) return leaky_bwd(g + b, x + b, gi + b, e - b, float(slope));
     C gb[kBlock], xb[kBlock], ob[kBlock];
     for (int64_t i = b; i < e; i += kBlock) {
       const int64_t m = std::min(kBlock, e - i);
-      leaky_bwd(load(g + i, gb, m), load(x + i, xb, m), out_ptr(gi + i, ob), m, C(slope));
-      store(ob, gi + i, m);
+      leaky_bwd(load(g + i, gb, m), load(x + i, xb, m), out_block(gi + i, ob, nt), m, C(slope));
+      store_out(ob, gi + i, m, nt);
     }
+    if (nt) stream_fence();
   });
 }
 
@@ -146,11 +151,13 @@ template <typename S>
 void prelu_fwd_impl(const S* x, const S* w, S* y, const ChannelView& v) {
   using C = compute_t<S>;
   if (v.channels == 1) return leaky_fwd_impl(x, y, v.inner * v.outer, double(C(w[0])));
+  const bool nt = streams<S>(v.outer * v.channels * v.inner);
   if (v.inner >= kRowMin) {
     const int64_t grain = std::max<int64_t>(1, kGrain / v.inner);
     at::parallel_for(0, v.outer * v.channels, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r)
-        leaky_fwd_range(x + r * v.inner, y + r * v.inner, v.inner, C(w[r % v.channels]));
+        leaky_fwd_range(x + r * v.inner, y + r * v.inner, v.inner, C(w[r % v.channels]), nt);
+      if (nt) stream_fence();
     });
     return;
   }
@@ -162,10 +169,11 @@ void prelu_fwd_impl(const S* x, const S* w, S* y, const ChannelView& v) {
     for (int64_t o = b; o < e; ++o) {
       for (int64_t j = 0; j < tile; j += kBlock) {
         const int64_t m = std::min(kBlock, tile - j), off = o * tile + j;
-        prelu_fwd_vec(load(x + off, xb, m), slopes.data() + j, out_ptr(y + off, yb), m);
-        store(yb, y + off, m);
+        prelu_fwd_vec(load(x + off, xb, m), slopes.data() + j, out_block(y + off, yb, nt), m);
+        store_out(yb, y + off, m, nt);
       }
     }
+    if (nt) stream_fence();
   });
 }
 

@@ -60,7 +60,7 @@ void row_moments(const S* x, int64_t len, double shift, double& mu, double& m2) 
 // y[off, off + len): one row. Under dropout each block's words are those of its positions.
 template <typename S>
 void row_forward(const S* x, S* y, int64_t off, int64_t len, int act, const RowK<compute_t<S>>& k,
-                 const BnDropout* d) {
+                 const BnDropout* d, bool nt) {
   compute_t<S> xb[kBlock], yb[kBlock];
   if (d != nullptr) {
     WordBufs wb;
@@ -73,9 +73,10 @@ void row_forward(const S* x, S* y, int64_t off, int64_t len, int act, const RowK
   }
   for (int64_t i = off; i < off + len; i += kBlock) {
     const int64_t m = std::min(kBlock, off + len - i);
-    fwd_row(act, load(x + i, xb, m), out_ptr(y + i, yb), m, k);
-    store(yb, y + i, m);
+    fwd_row(act, load(x + i, xb, m), out_block(y + i, yb, nt), m, k);
+    store_out(yb, y + i, m, nt);
   }
+  if (nt) stream_fence();
 }
 
 // Adds the row's sum dz, sum dz * xhat and PReLU slope gradient to acc[0..2].
@@ -96,16 +97,17 @@ void row_reduce(const S* g, const S* x, int64_t off, int64_t len, int act, const
 
 template <typename S>
 void row_elemt(const S* g, const S* x, S* gi, int64_t off, int64_t len, int act, const RowK<compute_t<S>>& k,
-               const BnDropout* d) {
+               const BnDropout* d, bool nt) {
   using C = compute_t<S>;
   C gb[kBlock], xb[kBlock], ob[kBlock];
   WordBufs wb;
   for (int64_t i = off; i < off + len; i += kBlock) {
     const int64_t m = std::min(kBlock, off + len - i);
     const C* gv = d != nullptr ? dropped_grad(*d, g, i, m, gb, wb) : load(g + i, gb, m);
-    elemt_row(act, gv, load(x + i, xb, m), out_ptr(gi + i, ob), m, k);
-    store(ob, gi + i, m);
+    elemt_row(act, gv, load(x + i, xb, m), out_block(gi + i, ob, nt), m, k);
+    store_out(ob, gi + i, m, nt);
   }
+  if (nt) stream_fence();
 }
 
 // ---- the passes ----
@@ -123,8 +125,9 @@ void stats(const S* x, const ChannelView& v, const double* shift, Moments& m) {
 template <typename S>
 void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   const auto rk = narrow_all<compute_t<S>>(ks);
+  const bool nt = d == nullptr && streams<S>(v.outer * v.channels * v.inner);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
-    row_forward(x, y, off, len, act, rk[r % v.channels], d);
+    row_forward(x, y, off, len, act, rk[r % v.channels], d, nt);
   });
 }
 
@@ -144,8 +147,9 @@ void reduce(const S* g, const S* x, int64_t act, const Ks& ks, const ChannelView
 template <typename S>
 void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const ChannelView& v, const BnDropout* d) {
   const auto rk = narrow_all<compute_t<S>>(ks);
+  const bool nt = streams<S>(v.outer * v.channels * v.inner);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
-    row_elemt(g, x, gi, off, len, act, rk[r % v.channels], d);
+    row_elemt(g, x, gi, off, len, act, rk[r % v.channels], d, nt);
   });
 }
 

@@ -70,6 +70,7 @@ void strip_pass(const ChannelView& v, const std::array<const S*, N>& in, S* out,
   using C = compute_t<S>;
   constexpr bool drop_out = N == 1;  // the forward: y * m; the backward: (grad * m) in
   const int64_t ch = v.channels, rb = strip_geo(v).rb, blocks = (v.outer + rb - 1) / rb;
+  const bool nt = !(d != nullptr && drop_out) && streams<S>(v.outer * ch);
   at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / kBlock), [&](int64_t b, int64_t e) {
     StripBufs<C> buf;
     std::array<const C*, N> iv;
@@ -83,9 +84,12 @@ void strip_pass(const ChannelView& v, const std::array<const S*, N>& in, S* out,
       compute(iv, buf[N], rows);
       if (d != nullptr && drop_out)
         store_dropped(*d, buf[N], out, off, m, wb);
+      else if (nt)
+        store_out(buf[N], out + off, m, nt);
       else
         store_block(buf[N], out + off, m);
     }
+    if (nt) stream_fence();
   });
 }
 

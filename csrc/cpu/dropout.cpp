@@ -504,14 +504,16 @@ namespace {
 // body(o, m) over blocks of at most kBlock positions of [0, n), in parallel over fixed chunks of
 // kGrain positions (multiples of 4: row-major blocks start on a Philox counter), the same blocks
 // whatever the number of threads.
+// nt: the body streams its stores (loadstore.h), so each task ends with a fence.
 template <typename F>
-void for_blocks(int64_t n, const F& body) {
+void for_blocks(int64_t n, const F& body, bool nt = false) {
   const int64_t chunks = (n + kGrain - 1) / kGrain;
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const int64_t end = std::min(n, (c + 1) * kGrain);
       for (int64_t o = c * kGrain; o < end; o += kBlock) body(o, std::min(kBlock, end - o));
     }
+    if (nt) stream_fence();
   });
 }
 
@@ -595,28 +597,30 @@ template <typename S>
 void drop_impl(const S* x, S* y, int64_t n, const Stream& st, uint32_t t, double p) {
   using C = compute_t<S>;
   const C s = dropout_scale<C>(p);
+  const bool nt = streams<S>(n);
   for_blocks(n, [&](int64_t o, int64_t m) {
     alignas(64) uint32_t wbuf[kWordBuf];
     int64_t ibuf[kBlock];
     C xb[kBlock], yb[kBlock];
     const uint32_t* w = st.words(o, m, wbuf, ibuf);
-    drop(load(x + o, xb, m), w, out_ptr(y + o, yb), m, t, s);
-    store(yb, y + o, m);
-  });
+    drop(load(x + o, xb, m), w, out_block(y + o, yb, nt), m, t, s);
+    store_out(yb, y + o, m, nt);
+  }, nt);
 }
 
 template <typename S>
 void leaky_fwd_impl(const S* x, S* y, int64_t n, const Stream& st, uint32_t t, double p, compute_t<S> slope) {
   using C = compute_t<S>;
   const C s = dropout_scale<C>(p);
+  const bool nt = streams<S>(n);
   for_blocks(n, [&](int64_t o, int64_t m) {
     alignas(64) uint32_t wbuf[kWordBuf];
     int64_t ibuf[kBlock];
     C xb[kBlock], yb[kBlock];
     const uint32_t* w = st.words(o, m, wbuf, ibuf);
-    leaky_drop_fwd(load(x + o, xb, m), w, out_ptr(y + o, yb), m, t, s, slope);
-    store(yb, y + o, m);
-  });
+    leaky_drop_fwd(load(x + o, xb, m), w, out_block(y + o, yb, nt), m, t, s, slope);
+    store_out(yb, y + o, m, nt);
+  }, nt);
 }
 
 template <typename S>
@@ -624,6 +628,7 @@ void prelu_fwd_impl(const S* x, const S* wt, S* y, const ChannelView& v, const S
   using C = compute_t<S>;
   if (v.channels == 1) return leaky_fwd_impl(x, y, v.outer * v.inner, st, t, p, C(wt[0]));
   const C s = dropout_scale<C>(p);
+  const bool nt = streams<S>(v.outer * v.channels * v.inner);
   const Slopes<C> slopes(wt, v);
   for_blocks(v.outer * v.channels * v.inner, [&](int64_t o, int64_t m) {
     alignas(64) uint32_t wbuf[kWordBuf];
@@ -631,9 +636,9 @@ void prelu_fwd_impl(const S* x, const S* wt, S* y, const ChannelView& v, const S
     C xb[kBlock], yb[kBlock], sl[kBlock];
     const uint32_t* w = st.words(o, m, wbuf, ibuf);
     slopes.fill(o, m, sl);
-    prelu_drop_fwd(load(x + o, xb, m), sl, w, out_ptr(y + o, yb), m, t, s);
-    store(yb, y + o, m);
-  });
+    prelu_drop_fwd(load(x + o, xb, m), sl, w, out_block(y + o, yb, nt), m, t, s);
+    store_out(yb, y + o, m, nt);
+  }, nt);
 }
 
 template <typename S>
@@ -641,14 +646,15 @@ void leaky_bwd_impl(const S* g, const S* x, S* gi, int64_t n, const Stream& st, 
                     compute_t<S> slope) {
   using C = compute_t<S>;
   const C s = dropout_scale<C>(p);
+  const bool nt = streams<S>(n);
   for_blocks(n, [&](int64_t o, int64_t m) {
     alignas(64) uint32_t wbuf[kWordBuf];
     int64_t ibuf[kBlock];
     C gb[kBlock], xb[kBlock], ob[kBlock];
     const uint32_t* w = st.words(o, m, wbuf, ibuf);
-    leaky_drop_bwd(load(g + o, gb, m), load(x + o, xb, m), w, out_ptr(gi + o, ob), m, t, s, slope);
-    store(ob, gi + o, m);
-  });
+    leaky_drop_bwd(load(g + o, gb, m), load(x + o, xb, m), w, out_block(gi + o, ob, nt), m, t, s, slope);
+    store_out(ob, gi + o, m, nt);
+  }, nt);
 }
 
 // grad_input, and the slope gradient into gw (C doubles). As the activation family's

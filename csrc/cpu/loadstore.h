@@ -89,6 +89,41 @@ DLK_INLINE void store_block(const C* buf, S* p, int64_t m) {
   }
 }
 
+// ---- streaming (non-temporal) stores, for outputs larger than the last-level cache ----
+// Such an output is evicted before anyone reads it, and a plain store first reads each line for
+// ownership: streaming a block computed in L1 saves that read (8% on a 51 MB leaky ReLU here).
+// The loops then write to an L1 block (out_block) and store_out copies it with movntps/movntpd
+// (SSE2, so one version serves every level); a task that streamed ends with stream_fence().
+
+// True when an output of `bytes` should be streamed: at least the last-level cache's size.
+bool stream_output(int64_t bytes);
+void stream_copy(const float* src, float* dst, int64_t n);
+void stream_copy(const double* src, double* dst, int64_t n);
+void stream_fence();  // orders a task's streaming stores before the tasks join
+
+// out_ptr(), but the L1 block `buf` whenever `nt` (streaming) is on.
+template <typename S, typename C>
+DLK_INLINE C* out_block(S* p, C* buf, bool nt) {
+  return nt ? buf : out_ptr(p, buf);
+}
+
+// store() for out_block(): streams the block when `nt`. Only float and double storage stream
+// (`nt` is never set for fp16/bf16, whose conversion writes the storage anyway).
+template <typename C, typename S>
+DLK_INLINE void store_out(const C* buf, S* p, int64_t m, bool nt) {
+  if constexpr (std::is_same_v<S, C>) {
+    if (nt) stream_copy(buf, p, m);
+  } else {
+    from_float(buf, p, m);
+  }
+}
+
+// Whether outputs of n elements of storage S stream (float and double only).
+template <typename S>
+bool streams(int64_t n) {
+  return std::is_same_v<S, compute_t<S>> && stream_output(n * int64_t(sizeof(S)));
+}
+
 // Hints the cache lines of n elements at p into the cache.
 template <typename S>
 DLK_INLINE void prefetch(const S* p, int64_t n) {
