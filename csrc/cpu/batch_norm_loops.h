@@ -13,16 +13,6 @@ namespace dlk::cpu {
 
 constexpr int kLanes = 64;  // independent accumulators: vectorizable reductions, 4+ vector add chains
 
-// Folds the lanes pairwise (vector adds) down to 8, then adds those: a serial sum of 64 lanes
-// would cost more than a short row's loop.
-template <typename T>
-DLK_INLINE T lane_sum(T* acc) {
-  for (int w = kLanes / 2; w >= 8; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  T s = 0;
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
-}
 
 // Mean, M2 and residual of one block, two passes (the block is in L1 for the second). The
 // residual r = sum(x - mean) makes it the corrected two-pass algorithm: the caller takes
@@ -35,7 +25,7 @@ DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
   for (; i < n; ++i) acc[0] += x[i];
-  const T mean = lane_sum(acc) / T(n);
+  const T mean = lane_sum<kLanes>(acc) / T(n);
   T acc2[kLanes] = {}, acc3[kLanes] = {};
   for (i = 0; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
@@ -51,8 +41,8 @@ DLK_INLINE void block_moments_body(const T* x, int64_t n, T* out) {
     acc3[0] += x[i] - mean;
   }
   out[0] = mean;
-  out[1] = lane_sum(acc2);
-  out[2] = lane_sum(acc3);
+  out[1] = lane_sum<kLanes>(acc2);
+  out[2] = lane_sum<kLanes>(acc3);
 }
 
 // Tile path statistics: acc[i] += x[i], then acc[i] += (x[i] - mean[i])^2.
@@ -112,9 +102,9 @@ DLK_INLINE void reduce_row_body(const T* R g, const T* R x, int64_t n, const Row
     a1[0] += dz * ((x[i] - mean) * invstd);
     a2[0] += prelu_weight_grad(g[i], z);
   }
-  out[0] += lane_sum(a0);
-  out[1] += lane_sum(a1);
-  out[2] += lane_sum(a2);
+  out[0] += lane_sum<kLanes>(a0);
+  out[1] += lane_sum<kLanes>(a1);
+  out[2] += lane_sum<kLanes>(a2);
 }
 
 // Per-element accumulators s0, s1, s2 (tile path).

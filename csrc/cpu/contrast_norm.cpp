@@ -31,14 +31,6 @@ namespace {
 #define R __restrict__
 constexpr int kLanes = 32;  // independent accumulators: vectorizable reductions
 
-template <typename T>
-DLK_INLINE T lane_sum(T* acc) {
-  for (int w = kLanes / 2; w >= 8; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  T s = 0;
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
-}
 
 // Of v = x - shift: out = {m0, r, q} with the first-pass mean m0 = sum(v) / n, r = sum(v - m0) and
 // q = sum((v - m0)^2). The shift (the example's first value) makes a constant example's moments
@@ -50,7 +42,7 @@ DLK_INLINE void chunk_moments_body(const T* R x, int64_t n, T shift, T* R out) {
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] - shift;
   for (; i < n; ++i) acc[0] += x[i] - shift;
-  const T m0 = lane_sum(acc) / T(n);
+  const T m0 = lane_sum<kLanes>(acc) / T(n);
   T aq[kLanes] = {}, ar[kLanes] = {};
   for (i = 0; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
@@ -67,8 +59,8 @@ DLK_INLINE void chunk_moments_body(const T* R x, int64_t n, T shift, T* R out) {
     ar[0] += d;
   }
   out[0] = m0;
-  out[1] = lane_sum(ar);
-  out[2] = lane_sum(aq);
+  out[1] = lane_sum<kLanes>(ar);
+  out[2] = lane_sum<kLanes>(aq);
 }
 DLK_MULTIVERSION(void, chunk_moments, (const float* x, int64_t n, float shift, float* out), (x, n, shift, out),
                  chunk_moments_body)
@@ -99,8 +91,8 @@ DLK_INLINE void bwd_sums_body(const T* R g, const T* R x, int64_t n, T mean, T* 
     a0[0] += g[i];
     a1[0] += g[i] * (x[i] - mean);
   }
-  out[0] = lane_sum(a0);
-  out[1] = lane_sum(a1);
+  out[0] = lane_sum<kLanes>(a0);
+  out[1] = lane_sum<kLanes>(a1);
 }
 DLK_MULTIVERSION(void, bwd_sums, (const float* g, const float* x, int64_t n, float mean, float* out),
                  (g, x, n, mean, out), bwd_sums_body)

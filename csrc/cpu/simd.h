@@ -46,4 +46,17 @@ namespace dlk::cpu {
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kBlock = 2048;
 
+// The sum of a reduction's Lanes independent accumulators: folded pairwise (vector adds) down to
+// 8, then those 8 in order (a serial sum of 64 lanes would cost more than a short row's loop).
+// A fixed order, so every SIMD level gives the same bits.
+template <int Lanes, typename T>
+DLK_INLINE T lane_sum(T* acc) {
+  static_assert(Lanes >= 8 && (Lanes & (Lanes - 1)) == 0, "a power of two, at least 8");
+  for (int w = Lanes / 2; w >= 8; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  T s = 0;
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
 }  // namespace dlk::cpu
