@@ -32,8 +32,10 @@ Choices (where they differ from the first design notes, why):
   would run twice); ``RewrittenForward`` deep-copies and pickles (``torch.save(model)``) correctly.
 - An already fused model (anything fuse put there: a module marked by fuse, a FusedActivation, a
   RewrittenForward) raises ValueError; dlkernels modules the user built are left as they are.
-- The Dropout after a chain is swapped 1:1: absorbing it into BatchNormAct(dropout=p), which exists now,
-  is not done yet; ``_absorb_dropout`` is the one place to change.
+- A torch ``nn.Dropout`` right after every call of a chain's activation, called nowhere else and without
+  hooks, goes into the BatchNormAct (``dropout=p``, read at fuse time as the activation's slope is; its
+  mask is the one dlkernels' Dropout would draw, from the same seed) and a ``FusedActivation`` stands at
+  its path. Any other Dropout is swapped 1:1.
 - Tracing treats subclasses of torch.nn modules as leaves too (fx would trace into a user's BatchNorm2d
   subclass, whose input check stops the trace); they are not fused anyway. SyncBatchNorm has its 1:1
   twin as well; it starts no chain.
@@ -65,9 +67,10 @@ Module = torch.nn.Module
 
 
 class FusedActivation(Module):
-    """Stands at an activation module's path once the BatchNormAct before each of its calls does its
-    work: passes its input through. Holds the activation's parameters and buffers under their own names
-    (PReLU's ``weight``: same state_dict key, same Parameter), and the original module for unfuse."""
+    """Stands at an activation module's (or an absorbed Dropout's) path once the BatchNormAct before each
+    of its calls does its work: passes its input through. Holds the activation's parameters and buffers
+    under their own names (PReLU's ``weight``: same state_dict key, same Parameter), and the original
+    module for unfuse."""
 
     def __init__(self, original: Module, done_by: str) -> None:
         super().__init__()
@@ -369,7 +372,7 @@ def _chain_at(root: Module, node: fx.Node, bn: Module) -> _Site | str:
         nxt = next(iter(act.users))
         if nxt.op == "call_module" and nxt.all_input_nodes == [act] and len(nxt.args) == 1 and not nxt.kwargs:
             d = root.get_submodule(str(nxt.target))
-            if type(d) in _twins.CHAIN_DROPOUTS:
+            if type(d) in _twins.CHAIN_DROPOUTS and not _has_hooks(d):
                 dropout = (str(nxt.target), d)
     return _Site(bn, node, act, act_module, read[0], read[1], _caller(act), _caller(node), dropout)
 
@@ -431,12 +434,31 @@ def _plan_traced(root: Module, graphs: list[fx.Graph], plan: _Plan, candidates: 
     for bn_id, ss in sites.items():
         s, path = ss[0], candidates[bn_id]
         placeholder = s.act_module is not None and id(s.act_module) in only_chain
-        dropouts = {x.dropout[0]: x.dropout[1] for x in ss if x.dropout is not None}
+        dropouts = _absorbable_dropout(ss, calls, plan, path)
         rewritten = tuple(sorted({x.parent or "the model" for x in ss} if not placeholder else ()))
         plan.chains.append(_Chain(s.bn, path, _twins.CHAINS[type(s.bn)], s.activation, s.negative_slope,
                                   s.act_module, s.act_text(), placeholder, dropouts, rewritten))
         if placeholder and id(s.act_module) not in plan.placeholders:
             plan.placeholders[id(s.act_module)] = _Placeholder(s.act_module, _registrations(root, s.act_module), path)
+        for d in dropouts.values():
+            plan.placeholders[id(d)] = _Placeholder(d, _registrations(root, d), path)
+
+
+def _absorbable_dropout(sites: list[_Site], calls: dict[int, list[fx.Node]], plan: _Plan,
+                        path: str) -> dict[str, Module]:
+    """{path: module} of the Dropout that follows every call of this chain and is called nowhere else (it can
+    go into the BatchNormAct), else {} (a note says why a Dropout after some call stays a module)."""
+    found = {id(x.dropout[1]): x.dropout for x in sites if x.dropout is not None}
+    if not found:
+        return {}
+    if len(found) == 1 and all(x.dropout is not None for x in sites):
+        d_path, d = next(iter(found.values()))
+        if len(calls.get(id(d), [])) == len(sites):
+            return {d_path: d}
+    for d_path, _ in found.values():
+        plan.notes[d_path] = (f"after the chain at {path}, but also called elsewhere or not after each of its "
+                              "calls: kept as a module of its own")
+    return {}
 
 
 def _rewrite_parent(root: Module, parent: str, need: list[_Site], sites: dict[int, list[_Site]],
@@ -527,12 +549,14 @@ def _plan_sequential(root: Module, plan: _Plan, candidates: dict[int, str]) -> N
                 continue
             nxt = children[i + 2] if i + 2 < len(children) else None
             dropouts = {}
-            if nxt is not None and type(nxt) in _twins.CHAIN_DROPOUTS and counts[id(nxt)] == 1:
+            if nxt is not None and type(nxt) in _twins.CHAIN_DROPOUTS and counts[id(nxt)] == 1 and not _has_hooks(nxt):
                 dropouts = {paths[id(nxt)]: nxt}
             path = candidates[id(bn)]
             plan.chains.append(_Chain(bn, path, _twins.CHAINS[type(bn)], read[0], read[1], act, paths[id(act)], True,
                                       dropouts))
             plan.placeholders[id(act)] = _Placeholder(act, _registrations(root, act), path)
+            for d in dropouts.values():
+                plan.placeholders[id(d)] = _Placeholder(d, _registrations(root, d), path)
     fused = {id(c.bn) for c in plan.chains}
     for bn_id, path in candidates.items():
         if bn_id not in fused:
@@ -610,13 +634,6 @@ def _install_forward(rw: _Rewrite, undo: Undo) -> None:
     undo.append(lambda: rw.owner.__dict__.pop("forward", None))
 
 
-def _absorb_dropout(chain: _Chain, path: str) -> str:
-    """The one place where a Dropout right after a chain would go into the BatchNormAct (``dropout=p``, then
-    a FusedActivation at its path). Not done yet: it keeps its own module (swapped 1:1 with the others);
-    returns what happened, for verbose."""
-    return f"right after the chain at {chain.path}: not absorbed into the BatchNormAct yet, a module of its own"
-
-
 def _apply(plan: _Plan, undo: Undo) -> list[tuple[str, str, str]]:
     """Carries the plan out; returns the report's lines (what, path, how)."""
     lines: list[tuple[str, str, str]] = []
@@ -636,10 +653,13 @@ def _apply(plan: _Plan, undo: Undo) -> list[tuple[str, str, str]]:
                                         if chain.activation == "leaky_relu" else "")
         how = ("its module replaced" if chain.placeholder
                else f"the call removed from the forward of {', '.join(chain.rewritten)}")
+        drop = ""
+        for path, d in chain.dropouts.items():  # at most one: the Dropout after every call (plan)
+            chain.bn.dropout = float(d.p)  # release() (the undo of _adopt) drops it again
+            act += f", dropout={d.p}"
+            drop = f" and {path}"
         lines.append(("replaced", chain.path, f"{old} -> {_name(chain.fused_cls)}(activation={act}), fused with "
-                                              f"{chain.act_text} ({how})"))
-        for path in chain.dropouts:
-            plan.notes[path] = _absorb_dropout(chain, path)
+                                              f"{chain.act_text}{drop} ({how})"))
     for path, m, cls in plan.swaps:
         old = type(m).__name__
         note = plan.notes.pop(path, None)

@@ -9,6 +9,7 @@ import functools
 import io
 import sys
 import zlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -200,14 +201,54 @@ def test_vgg_sequential(capsys: pytest.CaptureFixture[str]) -> None:
     model = vgg(0.5).eval()
     fused = dlkernels.fuse(model, verbose=True)
     out = capsys.readouterr().out
-    assert "right after the chain at 1" in out  # the Dropout after a chain: kept, and said why
+    assert "fused with 2 and 3" in out  # the Dropout after the chain goes into the BatchNormAct
     assert type(fused[1]) is dnn.BatchNormAct2d and type(fused[2]) is FusedActivation
-    assert type(fused[3]) is dnn.Dropout and type(fused[12]) is dnn.BatchNormAct1d
+    assert type(fused[3]) is FusedActivation and fused[1].dropout == 0.5 and type(fused[12]) is dnn.BatchNormAct1d
+    assert fused[12].dropout == 0.5 and type(fused[14]) is FusedActivation
     x = randn("vgg x", 4, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x))
     model0 = vgg(0.0)
     assert_train_step_matches(model0, dlkernels.fuse(model0), x)
+
+
+class SharedDropout(nn.Module):
+    """One Dropout after two chains (not absorbed: a BatchNormAct would drop only its own call's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.drop = nn.Conv2d(3, 8, 3), nn.Dropout(0.4)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(torch.relu(self.bn1(self.conv(x))))
+        return self.drop(F.leaky_relu(self.bn2(y), 0.1))
+
+
+@pytest.mark.parametrize("make", [lambda: vgg(0.3), SharedDropout], ids=["absorbed", "shared"])
+def test_dropout_after_chain_same_mask(make: Callable[[], nn.Module]) -> None:
+    """A Dropout absorbed into the BatchNormAct draws the mask dlkernels' own Dropout draws (same seed, same
+    stream): the same training outputs and gradients as the fused model whose Dropouts stay modules (a hook
+    keeps them out of the chains). A shared Dropout stays a module."""
+    model = make().train()
+    kept = copy.deepcopy(model)
+    for m in kept.modules():
+        if type(m) is nn.Dropout:
+            m.register_forward_hook(lambda *args: None)
+    fused, kept = dlkernels.fuse(model), dlkernels.fuse(kept)
+    absorbed = [m for m in fused.modules() if isinstance(m, dnn.BatchNormAct2d) and m.dropout > 0]
+    assert (len(absorbed) > 0) == (make is not SharedDropout)
+    assert all(type(m) is dnn.Dropout for m in kept.modules() if isinstance(m, nn.Dropout))
+    x = randn("dropout chain x", 3, 3, 16, 16).requires_grad_()
+    outs = []
+    for m in (fused, kept):
+        torch.manual_seed(7)
+        y = m(x)
+        (gx,) = torch.autograd.grad(y, x, randn("dropout chain g", *y.shape))
+        outs.append((y, gx))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert list(dlkernels.unfuse(fused).state_dict()) == list(model.state_dict())
+    assert not any(isinstance(m, FusedActivation) for m in dlkernels.unfuse(fused).modules())
 
 
 class Functional(nn.Module):
