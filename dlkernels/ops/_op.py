@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+_Parameter = torch.nn.Parameter
+_PLAIN = (Tensor, _Parameter)
 # Bound once: this runs on every op call.
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -37,12 +38,18 @@ def eager_call(args: tuple) -> int:
         return 0
     need = _grad_enabled()
     grad = False
-    for a in args:
-        for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, Tensor):
-                if type(t) not in _PLAIN:
-                    return 0
-                grad = grad or (need and t.requires_grad)
+    for a in args:  # by exact type first: this loop runs on every call, over every argument
+        cls = type(a)
+        if cls is Tensor or cls is _Parameter:
+            grad = grad or (need and a.requires_grad)
+        elif cls is list or cls is tuple:
+            for t in a:
+                if isinstance(t, Tensor):
+                    if type(t) not in _PLAIN:
+                        return 0
+                    grad = grad or (need and t.requires_grad)
+        elif isinstance(a, Tensor):  # a subclass
+            return 0
     return 2 if grad else 1
 
 
