@@ -49,14 +49,7 @@ __global__ void prelu_bwd_kernel(const T* __restrict__ g, const T* __restrict__ 
     st(gi, i, leaky_relu_bwd(gv, xv, slope));
     acc += prelu_weight_grad(gv, xv);
   }
-  __shared__ A smem[kElementwiseThreads];
-  smem[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = kElementwiseThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[c * gridDim.x + blockIdx.x] = smem[0];
+  block_sum_to(acc, partials + c * gridDim.x + blockIdx.x);
 }
 
 }  // namespace

@@ -55,6 +55,20 @@ inline int elementwise_blocks(int64_t n) {
   return static_cast<int>(b < 65535 * 8 ? b : 65535 * 8);  // grid-stride loops cover the rest
 }
 
+// The sum of every thread's acc in a block of kElementwiseThreads threads, written by thread 0 to
+// *out (a fixed tree order: deterministic). Every thread of the block must call it.
+template <typename A>
+__device__ __forceinline__ void block_sum_to(A acc, A* out) {
+  __shared__ A smem[kElementwiseThreads];
+  smem[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = kElementwiseThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) smem[threadIdx.x] += smem[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = smem[0];
+}
+
 // Calls f with a value of the storage type named by t.
 template <typename F>
 void dispatch(DType t, F&& f) {
