@@ -78,13 +78,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward(const at::Tensor& grad, const 
   const at::Tensor w = weight.contiguous();
   at::Tensor gi = at::empty_like(xd);
   const ChannelView v = channel_view(xd, w.numel());
-  TORCH_CHECK(v.channels <= 65535, "dlkernels cuda prelu: at most 65535 channels, got ", v.channels);
-  // Enough blocks per channel to fill the GPU, but each with a long stretch of work.
-  const int64_t per_channel = v.outer * v.inner;
-  const int split = static_cast<int>(
-      std::clamp<int64_t>(per_channel / (256 * 16), 1, std::max<int64_t>(1, 1024 / v.channels)));
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::zeros({v.channels, split}, x.options().dtype(acc));
+  auto [split, partials] = prelu_partials(x, v, "prelu");
   launch_prelu_bwd(dtype_of(x), gd.const_data_ptr(), xd.const_data_ptr(), w.const_data_ptr(),
                    gi.mutable_data_ptr(), partials.mutable_data_ptr(), v.outer, v.channels, v.inner,
                    split, stream());
