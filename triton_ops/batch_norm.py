@@ -37,7 +37,7 @@ from dlkernels.reference.batch_norm import (
 )
 
 from ._aot import AotSpec
-from ._common import dense, divider, fast_divmod, like, on_device
+from ._common import dense, divider, fast_divmod, like, on_device, split_program
 from .dropout import (
     _MAXD,
     _element_words,
@@ -65,12 +65,9 @@ _TARGET_PROGRAMS = 2048
 
 @triton.jit
 def _program(BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
-    cb = tl.program_id(0)
-    s = tl.program_id(1)
-    if WIDE:
-        cb = cb.to(tl.int64)
-        s = s.to(tl.int64)
-    return cb * BLOCK_C + tl.arange(0, BLOCK_C), s, tl.num_programs(1)
+    # (channels, s, SPLIT) of program (channel block, s)
+    cb, s, split = split_program(tl.program_id(0), WIDE)
+    return cb * BLOCK_C + tl.arange(0, BLOCK_C), s, split
 
 
 @triton.jit

@@ -36,7 +36,7 @@ from dlkernels.codes import LcnDivisor
 from dlkernels.reference.contrast_norm import blocked, gaussian_window, inverse_normalizer, lcn_layout
 
 from ._aot import AotSpec
-from ._common import like, on_device
+from ._common import like, on_device, split_program
 
 BLOCK = 1024
 # N * SPLIT programs aimed at by the reductions: about one wave of 4-warp programs on a 132-SM GPU.
@@ -48,12 +48,7 @@ _STYLES = {"book": 0, "pylearn2_std": 1, "pylearn2_l2": 2}
 @triton.jit
 def _gcn_partial_kernel(x_ptr, part_ptr, M, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # program (i, s): blocks s, s + SPLIT, ... of example i; part[i, s] = (count, mean, M2)
-    i = tl.program_id(0)
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        i = i.to(tl.int64)
-        s = s.to(tl.int64)
+    i, s, split = split_program(tl.program_id(0), WIDE)
     acc_ty = part_ptr.dtype.element_ty
     base = x_ptr + i * M
     shift = tl.load(base).to(acc_ty)  # about the first value: a constant example is exactly (value, 0)
@@ -153,12 +148,7 @@ def _gcn_apply_kernel(x_ptr, stats_ptr, y_ptr, M, NBLK, BLOCK: tl.constexpr, WID
 @triton.jit
 def _gcn_bwd_partial_kernel(g_ptr, x_ptr, stats_ptr, part_ptr, M, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # part[i, s] = (sum(g), sum(g * (x - a))) over blocks s, s + SPLIT, ... of example i
-    i = tl.program_id(0)
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        i = i.to(tl.int64)
-        s = s.to(tl.int64)
+    i, s, split = split_program(tl.program_id(0), WIDE)
     acc_ty = part_ptr.dtype.element_ty
     mean = tl.load(stats_ptr + i * 4)
     a0 = tl.zeros([BLOCK], dtype=acc_ty)

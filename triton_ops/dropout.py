@@ -31,7 +31,7 @@ import triton.language as tl
 from dlkernels.reference.dropout import seed_key, threshold
 
 from ._aot import AotSpec
-from ._common import channels, dense, like, on_device, to_compute
+from ._common import channel_partials, channels, dense, like, on_device, split_program, to_compute, weight_grad
 
 BLOCK = 1024  # elements per program (a multiple of 4: four elements share one Philox evaluation)
 _MAXD = 4  # coalesced dims the kernels' index map takes
@@ -235,12 +235,8 @@ def _dropout_prelu_bwd_kernel(
     # ... of channel c's m positions: it writes grad_input there and one partial sum of the
     # weight gradient to part[c, s] (a fixed order, no atomics). NDIM == 0 only with one slope
     # (C = inner = 1), where position p is memory position and logical index p.
-    c = tl.program_id(0) % C  # == program_id(0); folds to 0 when the JIT makes C = 1 a constant
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        c = c.to(tl.int64)
-        s = s.to(tl.int64)
+    # c == program_id(0); % C folds it to 0 when the JIT makes C = 1 a constant
+    c, s, split = split_program(tl.program_id(0) % C, WIDE)
     k0 = _u32(k0)
     k1 = _u32(k1)
     acc_ty = part_ptr.dtype.element_ty
@@ -430,16 +426,13 @@ def prelu_dropout_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     if ndim == 0 and c > 1:  # row-major, but a channel's blocks are not aligned runs of indices
         margs, ndim = [1, 1, 1, 1, 0, 0, 0], 1
     n = xd.numel()
-    m = n // c
-    split = min(triton.cdiv(m, BLOCK), max(1, _TARGET_PROGRAMS // c))
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
+    m, part = channel_partials(xd, c, BLOCK, _TARGET_PROGRAMS)
     with on_device(xd):
-        _dropout_prelu_bwd_kernel[(c, split)](
+        _dropout_prelu_bwd_kernel[(c, part.shape[1])](
             gd, xd, weight.contiguous(), gi, part, m, inner, c, *_seed_args(seed), thr, 1.0 / (1.0 - p), *margs,
             BLOCK=BLOCK, NDIM=ndim, WIDE=n > _INT32_LIMIT,
         )  # fmt: skip
-    return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
+    return gi, weight_grad(part, weight)
 
 
 # ---------------------------------------------------------------------------------------------
