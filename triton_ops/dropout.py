@@ -155,6 +155,20 @@ def _round_to(y, ty: tl.constexpr):
         return y.to(ty)
 
 
+@triton.jit
+def _flat_words(bits_ptr, n, k0, k1, s0, s1, s2, w0, w1, w2, w3,
+                BLOCK: tl.constexpr, NDIM: tl.constexpr, PERCH: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+    # (offs, mask, word) of program b of a flat walk: memory positions b * BLOCK + [0, BLOCK),
+    # those below n, and their words (see _words); k0, k1 are the kernels' int32 seed halves
+    b = tl.program_id(0)
+    if WIDE:
+        b = b.to(tl.int64)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    word = _words(offs, b, bits_ptr, mask, _u32(k0), _u32(k1), s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, PERCH, WIDE)
+    return offs, mask, word
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _dropout_bits_kernel(out_ptr, n, k0, k1, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # out[i] = the word of logical index i (zero-extended into int64)
@@ -191,12 +205,7 @@ def _dropout_fwd_kernel(
     BLOCK: tl.constexpr, ACT: tl.constexpr, NDIM: tl.constexpr, PERCH: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     # y = act(x) * m on dense memory; for PReLU memory is [outer, C, inner] (channel (o // inner) % C)
-    b = tl.program_id(0)
-    if WIDE:
-        b = b.to(tl.int64)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    word = _words(offs, b, bits_ptr, mask, _u32(k0), _u32(k1), s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, PERCH, WIDE)
+    offs, mask, word = _flat_words(bits_ptr, n, k0, k1, s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, PERCH, WIDE)
     x = to_compute(tl.load(x_ptr + offs, mask=mask))
     if ACT == _LEAKY:
         x = tl.where(x > 0, x, x * tl.full([], slope, x.dtype))
@@ -213,12 +222,7 @@ def _dropout_leaky_bwd_kernel(
     s0, s1, s2, w0, w1, w2, w3, BLOCK: tl.constexpr, NDIM: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     # d = g * m; gi = d where x > 0 else d * slope
-    b = tl.program_id(0)
-    if WIDE:
-        b = b.to(tl.int64)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    word = _words(offs, b, x_ptr, mask, _u32(k0), _u32(k1), s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, False, WIDE)
+    offs, mask, word = _flat_words(x_ptr, n, k0, k1, s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, False, WIDE)
     x = tl.load(x_ptr + offs, mask=mask)
     g = to_compute(tl.load(g_ptr + offs, mask=mask))
     d = g * _multiplier(word, thr, scale, g.dtype)
@@ -341,6 +345,17 @@ def _on_contiguous(fn, x: torch.Tensor, *tensors: torch.Tensor):
     return torch.empty_like(x).copy_(out)
 
 
+def _dense_mapped(x: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, list[int], int] | None:
+    """(dense x, index-map arguments, NDIM) of non-empty x, or None where x's layout coalesces to
+    more dims than the kernels' index map takes: the caller reruns on contiguous copies."""
+    xd = dense(x)
+    dims = _index_map(xd, per_channel)
+    if len(dims) > _MAXD:
+        return None
+    margs, ndim = _map_args(dims)
+    return xd, margs, ndim
+
+
 def _forward(x: torch.Tensor, act: int, weight: torch.Tensor | None, slope: float, p: float, seed: int,
              per_channel: bool = False) -> torch.Tensor:  # fmt: skip
     thr = _threshold_arg(p)
@@ -348,11 +363,10 @@ def _forward(x: torch.Tensor, act: int, weight: torch.Tensor | None, slope: floa
         raise ValueError("per-channel dropout needs an input of at least 2 dims (N, C, ...)")
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = dense(x)
-    dims = _index_map(xd, per_channel)
-    if len(dims) > _MAXD:
+    mapped = _dense_mapped(x, per_channel)
+    if mapped is None:
         return _on_contiguous(lambda xc: _forward(xc, act, weight, slope, p, seed, per_channel), x)
-    margs, ndim = _map_args(dims)
+    xd, margs, ndim = mapped
     if per_channel and ndim > 0:  # the words of the (N, C) grid
         bits = _bits(xd.shape[:2], seed, xd.device)
     else:
@@ -391,11 +405,10 @@ def leaky_relu_dropout_backward(grad: torch.Tensor, x: torch.Tensor, negative_sl
     thr = _threshold_arg(p)
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = dense(x)
-    dims = _index_map(xd, False)
-    if len(dims) > _MAXD:
+    mapped = _dense_mapped(x, False)
+    if mapped is None:
         return _on_contiguous(lambda xc, gc: leaky_relu_dropout_backward(gc, xc, negative_slope, p, seed), x, grad)
-    margs, ndim = _map_args(dims)
+    xd, margs, ndim = mapped
     gd = like(grad, xd)
     gi = torch.empty_like(xd)
     n = xd.numel()
@@ -415,11 +428,10 @@ def prelu_dropout_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     thr = _threshold_arg(p)
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    xd = dense(x)
-    dims = _index_map(xd, False)
-    if len(dims) > _MAXD:
+    mapped = _dense_mapped(x, False)
+    if mapped is None:
         return _on_contiguous(lambda xc, gc: prelu_dropout_backward(gc, xc, weight, p, seed), x, grad)
-    margs, ndim = _map_args(dims)
+    xd, margs, ndim = mapped
     gd = like(grad, xd)
     gi = torch.empty_like(xd)
     c, inner = channels(xd, weight)
