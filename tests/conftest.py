@@ -1,5 +1,5 @@
 """Shared test helpers: which backends can run here, the tolerance rule of DESIGN.md, and the
-inputs of the dropout tests (seeds, tensors in every memory layout)."""
+inputs of the dropout tests (seeds, Philox known answers, tensors in every memory layout)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,19 @@ def seed_of(*tag) -> int:
 
 
 SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), seed_of("seeds")]
+
+# Random123's tests/kat_vectors, the three "philox4x32 10" lines (counter, key, output): the table
+# of docs/dropout.md, checked against the Python, Triton and C++ Philox. Also copied in
+# Random123-Boost's libs/random/test/test_philox.cpp and TensorFlow's Philox tests.
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]  # fmt: skip
+PHILOX_KAT_IDS = ["zeros", "ones", "pi"]
 
 
 def make_layout(shape, dtype, layout: str, tag="x") -> torch.Tensor:
