@@ -4,7 +4,9 @@ inputs of the dropout tests (seeds, Philox known answers, tensors in every memor
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +126,27 @@ def make_image(shape, dtype, layout="contiguous", *case) -> torch.Tensor:
         if layout == "channels_last":
             x = x.to(memory_format=torch.channels_last)
     return x.to(dtype)
+
+
+def check_image_module(
+    m: torch.nn.Module, functional: Callable[[torch.Tensor], torch.Tensor], tol: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The inputs every contrast-normalization module takes, against `functional` on a float
+    batch: a uint8 (N, C, H, W) batch and one (C, H, W) image (float32 out, values kept: no / 255),
+    numpy N,C,H,W and H,W,C images (numpy out, in their layout), negative strides and float64.
+    Returns the batch and the H,W,C image for the module's own checks."""
+    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=case_gen("module"), dtype=torch.uint8)
+    want = functional(batch.float())
+    torch.testing.assert_close(m(batch), want)
+    assert m(batch).dtype == torch.float32
+    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
+    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
+    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
+    np.testing.assert_allclose(out, want.numpy(), rtol=tol, atol=tol)
+    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
+    out = m(hwc)
+    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
+    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
+    assert m(hwc.astype(np.float64)).dtype == np.float64
+    return batch, hwc

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, assert_close_like_torch, backend_params
+from conftest import DTYPES, assert_close_like_torch, backend_params, check_image_module
 from conftest import case_gen as _gen
 from conftest import make_image as make
 
@@ -288,22 +288,7 @@ def test_module_inputs():
     m = dlkernels.nn.GlobalContrastNorm(2.0, 0.5, 1e-8, style="pylearn2_std")
     assert repr(m) == "GlobalContrastNorm(scale=2.0, lam=0.5, eps=1e-08, style='pylearn2_std', subtract_mean=True)"
     assert list(m.parameters()) == [] and m.state_dict() == {}
-    gen = _gen("module")
-    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=gen, dtype=torch.uint8)
-    want = F.global_contrast_norm(batch.float(), 2.0, 0.5, 1e-8, style="pylearn2_std")  # values kept: no / 255
-    torch.testing.assert_close(m(batch), want)
-    assert m(batch).dtype == torch.float32
-    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
-    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
-    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
-    np.testing.assert_allclose(out, want.numpy(), rtol=1e-6, atol=1e-6)
-    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
-    out = m(hwc)
-    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
-    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
-    out64 = m(hwc.astype(np.float64))
-    assert out64.dtype == np.float64
+    batch, _ = check_image_module(m, lambda b: F.global_contrast_norm(b, 2.0, 0.5, 1e-8, style="pylearn2_std"), 1e-6)
     dm = dlkernels.nn.GlobalContrastNorm(dims=(2, 3))
     assert "dims=(2, 3)" in repr(dm)
     torch.testing.assert_close(dm(batch[0]), F.global_contrast_norm(batch[:1].float(), dims=(2, 3))[0])

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, assert_close_like_torch, backend_params
+from conftest import DTYPES, assert_close_like_torch, backend_params, check_image_module
 from conftest import case_gen as _gen
 from conftest import make_image as make
 
@@ -245,20 +245,7 @@ def test_module_inputs():
     assert repr(m) == ("LocalContrastNorm(kernel_size=7, sigma=1.5, eps=0.001, divisor='lecun', "
                        "across_channels=False)")
     assert list(m.parameters()) == [] and m.state_dict() == {}
-    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=_gen("module"), dtype=torch.uint8)
-    want = F.local_contrast_norm(batch.float(), 7, 1.5, 1e-3, divisor="lecun")  # values kept: no / 255
-    torch.testing.assert_close(m(batch), want)
-    assert m(batch).dtype == torch.float32
-    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
-    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
-    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
-    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
-    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
-    out = m(hwc)
-    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
-    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
-    assert m(hwc.astype(np.float64)).dtype == np.float64
+    _, hwc = check_image_module(m, lambda b: F.local_contrast_norm(b, 7, 1.5, 1e-3, divisor="lecun"), 1e-5)
     frozen = hwc.copy()
     frozen.flags.writeable = False  # e.g. a decoded image: copied, no warning
     with warnings.catch_warnings():
