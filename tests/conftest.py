@@ -150,3 +150,48 @@ def check_image_module(
     np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
     assert m(hwc.astype(np.float64)).dtype == np.float64
     return batch, hwc
+
+
+def compare_with_spec(
+    backend: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    spec: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grad_seed: str = "g",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of fn (dlkernels, under `backend`) vs `spec` in x's dtype and in
+    float64, each on its own copy of x (the contrast-normalization tests); returns fn's output and
+    input gradient."""
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    x64 = x.detach().double().requires_grad_()
+    with dlkernels.use_backend(backend):
+        y = fn(xs[0])
+    y_t, y64 = spec(xs[1]), spec(x64)
+    assert_close_like_torch(y, y_t, y64)
+    g = torch.randn(x.shape, generator=case_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
+    with dlkernels.use_backend(backend):
+        (gx,) = torch.autograd.grad(y, xs[0], g)
+    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
+    (gx64,) = torch.autograd.grad(y64, x64, g.double())
+    assert_close_like_torch(gx, gx_t, gx64)
+    return y, gx
+
+
+def assert_same_for_thread_counts(
+    backend: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor
+) -> None:
+    """fn(x) and its gradient for grad output g under `backend` with 1, 2 and 3 threads: the same
+    bits (the thread count restored after)."""
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            with dlkernels.use_backend(backend):
+                y = fn(x)
+                out.append((y, *torch.autograd.grad(y, x, g)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            assert torch.equal(a, b)

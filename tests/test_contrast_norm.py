@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, assert_close_like_torch, backend_params, check_image_module
+from conftest import DTYPES, assert_same_for_thread_counts, backend_params, check_image_module, compare_with_spec
 from conftest import case_gen as _gen
 from conftest import make_image as make
 
@@ -26,21 +26,11 @@ STYLES = ["book", "pylearn2_std", "pylearn2_l2"]
 
 def compare(backend, x, kwargs, grad_seed="g"):
     """Forward and backward of dlkernels (backend) vs the spec in x's dtype and in float64."""
-    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
-    x64 = x.detach().double().requires_grad_()
-    with dlkernels.use_backend(backend):
-        y = F.global_contrast_norm(xs[0], **kwargs)
     dims = kwargs.get("dims")
-    dims = [dims] if isinstance(dims, int) else dims
+    dims = [dims] if isinstance(dims, int) else dims  # the spec takes a list of dims
     spec = {k: v for k, v in kwargs.items() if k != "dims"}
-    y_t, y64 = gcn(xs[1], dims=dims, **spec), gcn(x64, dims=dims, **spec)
-    assert_close_like_torch(y, y_t, y64)
-    g = torch.randn(x.shape, generator=_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
-    with dlkernels.use_backend(backend):
-        (gx,) = torch.autograd.grad(y, xs[0], g)
-    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
-    (gx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert_close_like_torch(gx, gx_t, gx64)
+    y, _ = compare_with_spec(backend, lambda t: F.global_contrast_norm(t, **kwargs),
+                             lambda t: gcn(t, dims=dims, **spec), x, grad_seed)
     return y
 
 
@@ -205,19 +195,7 @@ def test_gradcheck_float64(backend, style):
 def test_cpu_independent_of_thread_count(backend, shape):
     x = make(shape, torch.float32, "contiguous", "threads").requires_grad_()
     g = make(shape, torch.float32, "contiguous", "threads-g")
-    threads = torch.get_num_threads()
-    out = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            with dlkernels.use_backend(backend):
-                y = F.global_contrast_norm(x, 1.0, 0.1, 1e-8)
-                out.append((y, *torch.autograd.grad(y, x, g)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in out[1:]:
-        for a, b in zip(out[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_for_thread_counts(backend, lambda t: F.global_contrast_norm(t, 1.0, 0.1, 1e-8), x, g)
 
 
 # Every CPU kernel of the family (GCN and LCN) on seeded inputs, for the cross-level comparison

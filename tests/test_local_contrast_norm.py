@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, assert_close_like_torch, backend_params, check_image_module
+from conftest import DTYPES, assert_same_for_thread_counts, backend_params, check_image_module, compare_with_spec
 from conftest import case_gen as _gen
 from conftest import make_image as make
 
@@ -31,19 +31,8 @@ MODE_IDS = ["local", "lecun", "local-across", "lecun-across"]
 
 def compare(backend, x, kwargs, grad_seed="g"):
     """Forward and backward of dlkernels (backend) vs the spec in x's dtype and in float64."""
-    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
-    x64 = x.detach().double().requires_grad_()
-    with dlkernels.use_backend(backend):
-        y = F.local_contrast_norm(xs[0], **kwargs)
-    y_t, y64 = lcn(xs[1], **kwargs), lcn(x64, **kwargs)
-    assert_close_like_torch(y, y_t, y64)
-    g = torch.randn(x.shape, generator=_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
-    with dlkernels.use_backend(backend):
-        (gx,) = torch.autograd.grad(y, xs[0], g)
-    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
-    (gx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert_close_like_torch(gx, gx_t, gx64)
-    return y, gx
+    return compare_with_spec(backend, lambda t: F.local_contrast_norm(t, **kwargs), lambda t: lcn(t, **kwargs), x,
+                             grad_seed)
 
 
 # ---- against the reference formulas ----
@@ -223,19 +212,8 @@ def test_cpu_independent_of_thread_count(backend, across):
     # 3 units of 2 * 65536 elements: one thread runs whole units, two and three split their rows
     x = make((3, 2, 256, 256), torch.float32, "contiguous", "threads", across).requires_grad_()
     g = make((3, 2, 256, 256), torch.float32, "contiguous", "threads-g")
-    threads = torch.get_num_threads()
-    out = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            with dlkernels.use_backend(backend):
-                y = F.local_contrast_norm(x, 7, 2.0, 1e-4, divisor="lecun", across_channels=across)
-                out.append((y, *torch.autograd.grad(y, x, g)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in out[1:]:
-        for a, b in zip(out[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_for_thread_counts(
+        backend, lambda t: F.local_contrast_norm(t, 7, 2.0, 1e-4, divisor="lecun", across_channels=across), x, g)
 
 
 # ---- the module ----
