@@ -17,6 +17,7 @@ writes grad_input (2NE read-write and NE read).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -31,25 +32,38 @@ LCN_QUICK_SHAPES = [(2, 3, 17, 13)]
 LCN_ARGS = dict(kernel_size=9, sigma=2.0, eps=1e-4)
 
 
-def _case(mode: str, shape: tuple[int, ...], device: str) -> Case:
-    n, esize = math.prod(shape), 4
-    name = f"gcn {mode} {'x'.join(map(str, shape))} f32"
-    passes = {"fwd": {"read": n * esize, "copy": 2 * n * esize},
-              "fwd+bwd": {"read": 3 * n * esize, "copy": 5 * n * esize}}[mode]
+def _setup(mode: str, shape: tuple[int, ...], device: str,
+           contenders: Callable[[], dict[str, Callable]]) -> Callable[[], dict[str, Any]]:
+    """A case's setup: x of `shape` with values in [0, 255), the contenders (and torch.compile of
+    them) on x ("fwd") or forward+backward through x. `contenders` is called in the setup: it
+    imports dlkernels there, not at import, as the package may be mid-build."""
 
     def setup() -> dict[str, Any]:
-        import dlkernels.functional as DF  # here, not at import: the package may be mid-build
-        from dlkernels.reference.contrast_norm import gcn
-
         x = torch.rand(shape, device=device) * 255
-        fns = with_compile({DLK: partial(DF.global_contrast_norm, scale=1.0, lam=0.0, eps=1e-8),
-                            EAGER: partial(gcn, scale=1.0, lam=0.0, eps=1e-8)})
+        fns = with_compile(contenders())
         if mode == "fwd":
             return {k: partial(f, x) for k, f in fns.items()}
         x.requires_grad_(True)
         g = torch.randn_like(x)
         return {k: forward_backward(f, [x], g, [x]) for k, f in fns.items()}
 
+    return setup
+
+
+def _case(mode: str, shape: tuple[int, ...], device: str) -> Case:
+    n, esize = math.prod(shape), 4
+    name = f"gcn {mode} {'x'.join(map(str, shape))} f32"
+    passes = {"fwd": {"read": n * esize, "copy": 2 * n * esize},
+              "fwd+bwd": {"read": 3 * n * esize, "copy": 5 * n * esize}}[mode]
+
+    def contenders() -> dict[str, Callable]:
+        import dlkernels.functional as DF
+        from dlkernels.reference.contrast_norm import gcn
+
+        return {DLK: partial(DF.global_contrast_norm, scale=1.0, lam=0.0, eps=1e-8),
+                EAGER: partial(gcn, scale=1.0, lam=0.0, eps=1e-8)}
+
+    setup = _setup(mode, shape, device, contenders)
     return Case(name=name, setup=setup, min_bytes=0, pattern="copy", size_bytes=n * esize, device=device,
                 passes=passes, params={"pass": mode, "shape": "x".join(map(str, shape)), "style": "book"})
 
@@ -59,18 +73,13 @@ def _lcn_case(mode: str, shape: tuple[int, ...], device: str) -> Case:
     name = f"lcn {mode} {'x'.join(map(str, shape))} f32"
     passes = {"fwd": {"copy": 2 * n * esize}, "fwd+bwd": {"read": n * esize, "copy": 4 * n * esize}}[mode]
 
-    def setup() -> dict[str, Any]:
-        import dlkernels.functional as DF  # here, not at import: the package may be mid-build
+    def contenders() -> dict[str, Callable]:
+        import dlkernels.functional as DF
         from dlkernels.reference.contrast_norm import lcn
 
-        x = torch.rand(shape, device=device) * 255
-        fns = with_compile({DLK: partial(DF.local_contrast_norm, **LCN_ARGS), EAGER: partial(lcn, **LCN_ARGS)})
-        if mode == "fwd":
-            return {k: partial(f, x) for k, f in fns.items()}
-        x.requires_grad_(True)
-        g = torch.randn_like(x)
-        return {k: forward_backward(f, [x], g, [x]) for k, f in fns.items()}
+        return {DLK: partial(DF.local_contrast_norm, **LCN_ARGS), EAGER: partial(lcn, **LCN_ARGS)}
 
+    setup = _setup(mode, shape, device, contenders)
     return Case(name=name, setup=setup, min_bytes=0, pattern="copy", size_bytes=n * esize, device=device,
                 passes=passes, params={"pass": mode, "shape": "x".join(map(str, shape)), "op": "lcn",
                                        "divisor": "local"})

@@ -1,10 +1,12 @@
 """Shared test helpers: which backends can run here, the tolerance rule of DESIGN.md, and the
-inputs of the dropout tests (seeds, tensors in every memory layout)."""
+inputs of the dropout tests (seeds, Philox known answers, tensors in every memory layout)."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +67,19 @@ def seed_of(*tag) -> int:
 
 SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), seed_of("seeds")]
 
+# Random123's tests/kat_vectors, the three "philox4x32 10" lines (counter, key, output): the table
+# of docs/dropout.md, checked against the Python, Triton and C++ Philox. Also copied in
+# Random123-Boost's libs/random/test/test_philox.cpp and TensorFlow's Philox tests.
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]  # fmt: skip
+PHILOX_KAT_IDS = ["zeros", "ones", "pi"]
+
 
 def make_layout(shape, dtype, layout: str, tag="x") -> torch.Tensor:
     """Random normal values of `shape` in `layout`: contiguous, channels_last(_3d), strided (not
@@ -111,3 +126,72 @@ def make_image(shape, dtype, layout="contiguous", *case) -> torch.Tensor:
         if layout == "channels_last":
             x = x.to(memory_format=torch.channels_last)
     return x.to(dtype)
+
+
+def check_image_module(
+    m: torch.nn.Module, functional: Callable[[torch.Tensor], torch.Tensor], tol: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The inputs every contrast-normalization module takes, against `functional` on a float
+    batch: a uint8 (N, C, H, W) batch and one (C, H, W) image (float32 out, values kept: no / 255),
+    numpy N,C,H,W and H,W,C images (numpy out, in their layout), negative strides and float64.
+    Returns the batch and the H,W,C image for the module's own checks."""
+    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=case_gen("module"), dtype=torch.uint8)
+    want = functional(batch.float())
+    torch.testing.assert_close(m(batch), want)
+    assert m(batch).dtype == torch.float32
+    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
+    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
+    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
+    np.testing.assert_allclose(out, want.numpy(), rtol=tol, atol=tol)
+    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
+    out = m(hwc)
+    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
+    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
+    assert m(hwc.astype(np.float64)).dtype == np.float64
+    return batch, hwc
+
+
+def compare_with_spec(
+    backend: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    spec: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grad_seed: str = "g",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of fn (dlkernels, under `backend`) vs `spec` in x's dtype and in
+    float64, each on its own copy of x (the contrast-normalization tests); returns fn's output and
+    input gradient."""
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    x64 = x.detach().double().requires_grad_()
+    with dlkernels.use_backend(backend):
+        y = fn(xs[0])
+    y_t, y64 = spec(xs[1]), spec(x64)
+    assert_close_like_torch(y, y_t, y64)
+    g = torch.randn(x.shape, generator=case_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
+    with dlkernels.use_backend(backend):
+        (gx,) = torch.autograd.grad(y, xs[0], g)
+    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
+    (gx64,) = torch.autograd.grad(y64, x64, g.double())
+    assert_close_like_torch(gx, gx_t, gx64)
+    return y, gx
+
+
+def assert_same_for_thread_counts(
+    backend: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor
+) -> None:
+    """fn(x) and its gradient for grad output g under `backend` with 1, 2 and 3 threads: the same
+    bits (the thread count restored after)."""
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            with dlkernels.use_backend(backend):
+                y = fn(x)
+                out.append((y, *torch.autograd.grad(y, x, g)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            assert torch.equal(a, b)

@@ -5,6 +5,7 @@ gradcheck and torch.compile."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -43,26 +44,36 @@ def layouts_for(shape):
 CASES = [(s, lay) for s in SHAPES for lay in layouts_for(s)]
 
 
+def check_like_torch(backend: str, fn: Callable, torch_fn: Callable, inputs: list[torch.Tensor], layout: str,
+                     g: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """fn(*inputs) under `backend` against torch_fn on copies of inputs and on float64 copies:
+    checks the output (and its strides unless `layout` is strided) and the gradient of inputs[0]
+    for grad output g. Returns (ours, torch's, float64) gradients of all inputs for more checks.
+    ours runs on `inputs` themselves: a clone of a strided input would be dense."""
+    ins_t = [t.detach().clone().requires_grad_() for t in inputs]
+    ins64 = [t.detach().double().requires_grad_() for t in inputs]
+    with dlkernels.use_backend(backend):
+        y = fn(*inputs)
+    y_t, y64 = torch_fn(*ins_t), torch_fn(*ins64)
+    assert_close_like_torch(y, y_t, y64)
+    if layout != "strided":
+        assert y.stride() == y_t.stride()
+    with dlkernels.use_backend(backend):
+        grads = torch.autograd.grad(y, inputs, g)
+    grads_t = torch.autograd.grad(y_t, ins_t, g)
+    grads64 = torch.autograd.grad(y64, ins64, g.double())
+    assert_close_like_torch(grads[0], grads_t[0], grads64[0])
+    return grads, grads_t, grads64
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
 @pytest.mark.parametrize("slope", [0.01, -0.3])
 def test_leaky_relu_forward_backward(backend, dtype, shape, layout, slope):
     x = make(shape, dtype, layout, requires_grad=True)
-    x_t = x.detach().clone().requires_grad_()
-    x64 = x.detach().double().requires_grad_()
-    with dlkernels.use_backend(backend):
-        y = F.leaky_relu(x, slope)
-    y_t, y64 = TF.leaky_relu(x_t, slope), TF.leaky_relu(x64, slope)
-    assert_close_like_torch(y, y_t, y64)
-    if layout != "strided":
-        assert y.stride() == y_t.stride()
     g = make(shape, dtype, "contiguous")
-    with dlkernels.use_backend(backend):
-        (gx,) = torch.autograd.grad(y, x, g)
-    (gx_t,) = torch.autograd.grad(y_t, x_t, g)
-    (gx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert_close_like_torch(gx, gx_t, gx64)
+    check_like_torch(backend, lambda t: F.leaky_relu(t, slope), lambda t: TF.leaky_relu(t, slope), [x], layout, g)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,20 +84,8 @@ def test_prelu_forward_backward(backend, dtype, shape, layout, per_channel):
     channels = shape[1] if (per_channel and len(shape) > 1) else 1
     x = make(shape, dtype, layout, requires_grad=True)
     w = (torch.rand(channels, dtype=torch.float64) * 0.5 - 0.1).to(dtype).requires_grad_()
-    x_t, w_t = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    with dlkernels.use_backend(backend):
-        y = F.prelu(x, w)
-    y_t, y64 = TF.prelu(x_t, w_t), TF.prelu(x64, w64)
-    assert_close_like_torch(y, y_t, y64)
-    if layout != "strided":
-        assert y.stride() == y_t.stride()
     g = make(shape, dtype, "contiguous")
-    with dlkernels.use_backend(backend):
-        gx, gw = torch.autograd.grad(y, (x, w), g)
-    gx_t, gw_t = torch.autograd.grad(y_t, (x_t, w_t), g)
-    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), g.double())
-    assert_close_like_torch(gx, gx_t, gx64)
+    (_, gw), (_, gw_t), (_, gw64) = check_like_torch(backend, F.prelu, TF.prelu, [x, w], layout, g)
     assert gw.shape == w.shape and gw.dtype == w.dtype
     # torch's reduced-precision slope gradient may be exact by luck on tiny inputs: allow one
     # rounding of the float64 sum in the output dtype.

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, assert_close_like_torch, backend_params
+from conftest import DTYPES, assert_same_for_thread_counts, backend_params, check_image_module, compare_with_spec
 from conftest import case_gen as _gen
 from conftest import make_image as make
 
@@ -26,21 +26,11 @@ STYLES = ["book", "pylearn2_std", "pylearn2_l2"]
 
 def compare(backend, x, kwargs, grad_seed="g"):
     """Forward and backward of dlkernels (backend) vs the spec in x's dtype and in float64."""
-    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
-    x64 = x.detach().double().requires_grad_()
-    with dlkernels.use_backend(backend):
-        y = F.global_contrast_norm(xs[0], **kwargs)
     dims = kwargs.get("dims")
-    dims = [dims] if isinstance(dims, int) else dims
+    dims = [dims] if isinstance(dims, int) else dims  # the spec takes a list of dims
     spec = {k: v for k, v in kwargs.items() if k != "dims"}
-    y_t, y64 = gcn(xs[1], dims=dims, **spec), gcn(x64, dims=dims, **spec)
-    assert_close_like_torch(y, y_t, y64)
-    g = torch.randn(x.shape, generator=_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
-    with dlkernels.use_backend(backend):
-        (gx,) = torch.autograd.grad(y, xs[0], g)
-    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
-    (gx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert_close_like_torch(gx, gx_t, gx64)
+    y, _ = compare_with_spec(backend, lambda t: F.global_contrast_norm(t, **kwargs),
+                             lambda t: gcn(t, dims=dims, **spec), x, grad_seed)
     return y
 
 
@@ -205,19 +195,7 @@ def test_gradcheck_float64(backend, style):
 def test_cpu_independent_of_thread_count(backend, shape):
     x = make(shape, torch.float32, "contiguous", "threads").requires_grad_()
     g = make(shape, torch.float32, "contiguous", "threads-g")
-    threads = torch.get_num_threads()
-    out = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            with dlkernels.use_backend(backend):
-                y = F.global_contrast_norm(x, 1.0, 0.1, 1e-8)
-                out.append((y, *torch.autograd.grad(y, x, g)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in out[1:]:
-        for a, b in zip(out[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_for_thread_counts(backend, lambda t: F.global_contrast_norm(t, 1.0, 0.1, 1e-8), x, g)
 
 
 # Every CPU kernel of the family (GCN and LCN) on seeded inputs, for the cross-level comparison
@@ -288,22 +266,7 @@ def test_module_inputs():
     m = dlkernels.nn.GlobalContrastNorm(2.0, 0.5, 1e-8, style="pylearn2_std")
     assert repr(m) == "GlobalContrastNorm(scale=2.0, lam=0.5, eps=1e-08, style='pylearn2_std', subtract_mean=True)"
     assert list(m.parameters()) == [] and m.state_dict() == {}
-    gen = _gen("module")
-    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=gen, dtype=torch.uint8)
-    want = F.global_contrast_norm(batch.float(), 2.0, 0.5, 1e-8, style="pylearn2_std")  # values kept: no / 255
-    torch.testing.assert_close(m(batch), want)
-    assert m(batch).dtype == torch.float32
-    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
-    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
-    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
-    np.testing.assert_allclose(out, want.numpy(), rtol=1e-6, atol=1e-6)
-    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
-    out = m(hwc)
-    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
-    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
-    out64 = m(hwc.astype(np.float64))
-    assert out64.dtype == np.float64
+    batch, _ = check_image_module(m, lambda b: F.global_contrast_norm(b, 2.0, 0.5, 1e-8, style="pylearn2_std"), 1e-6)
     dm = dlkernels.nn.GlobalContrastNorm(dims=(2, 3))
     assert "dims=(2, 3)" in repr(dm)
     torch.testing.assert_close(dm(batch[0]), F.global_contrast_norm(batch[:1].float(), dims=(2, 3))[0])

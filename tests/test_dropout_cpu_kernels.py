@@ -13,6 +13,8 @@ import zlib
 
 import pytest
 import torch
+from conftest import PHILOX_KAT as KAT
+from conftest import PHILOX_KAT_IDS as KAT_IDS
 from conftest import SEEDS, seed_of
 from conftest import make_layout as make
 
@@ -24,16 +26,6 @@ R = pytest.importorskip("dlkernels.reference.dropout")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 M32 = 0xFFFFFFFF
-
-# Random123's kat_vectors for philox4x32_10 (counter, key, output), the table of docs/dropout.md
-KAT = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
-     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]  # fmt: skip
 
 
 def cpu():
@@ -56,7 +48,7 @@ def assert_same(ours: torch.Tensor, ref: torch.Tensor, layout_of: torch.Tensor |
 # --- Philox4x32-10 ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("counter,key,out", KAT, ids=["zeros", "ones", "pi"])
+@pytest.mark.parametrize("counter,key,out", KAT, ids=KAT_IDS)
 def test_kat(counter, key, out):
     got = cpu().philox4x32_10(torch.tensor([counter] * 37), *key)  # 37: vector body and tail
     assert got.dtype == torch.int64 and got.shape == (37, 4)

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, assert_close_like_torch, backend_params
+from conftest import DTYPES, assert_same_for_thread_counts, backend_params, check_image_module, compare_with_spec
 from conftest import case_gen as _gen
 from conftest import make_image as make
 
@@ -31,19 +31,8 @@ MODE_IDS = ["local", "lecun", "local-across", "lecun-across"]
 
 def compare(backend, x, kwargs, grad_seed="g"):
     """Forward and backward of dlkernels (backend) vs the spec in x's dtype and in float64."""
-    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
-    x64 = x.detach().double().requires_grad_()
-    with dlkernels.use_backend(backend):
-        y = F.local_contrast_norm(xs[0], **kwargs)
-    y_t, y64 = lcn(xs[1], **kwargs), lcn(x64, **kwargs)
-    assert_close_like_torch(y, y_t, y64)
-    g = torch.randn(x.shape, generator=_gen(x.shape, grad_seed), dtype=torch.float64).to(x.dtype).to(x.device)
-    with dlkernels.use_backend(backend):
-        (gx,) = torch.autograd.grad(y, xs[0], g)
-    (gx_t,) = torch.autograd.grad(y_t, xs[1], g)
-    (gx64,) = torch.autograd.grad(y64, x64, g.double())
-    assert_close_like_torch(gx, gx_t, gx64)
-    return y, gx
+    return compare_with_spec(backend, lambda t: F.local_contrast_norm(t, **kwargs), lambda t: lcn(t, **kwargs), x,
+                             grad_seed)
 
 
 # ---- against the reference formulas ----
@@ -223,19 +212,8 @@ def test_cpu_independent_of_thread_count(backend, across):
     # 3 units of 2 * 65536 elements: one thread runs whole units, two and three split their rows
     x = make((3, 2, 256, 256), torch.float32, "contiguous", "threads", across).requires_grad_()
     g = make((3, 2, 256, 256), torch.float32, "contiguous", "threads-g")
-    threads = torch.get_num_threads()
-    out = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            with dlkernels.use_backend(backend):
-                y = F.local_contrast_norm(x, 7, 2.0, 1e-4, divisor="lecun", across_channels=across)
-                out.append((y, *torch.autograd.grad(y, x, g)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in out[1:]:
-        for a, b in zip(out[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_for_thread_counts(
+        backend, lambda t: F.local_contrast_norm(t, 7, 2.0, 1e-4, divisor="lecun", across_channels=across), x, g)
 
 
 # ---- the module ----
@@ -245,20 +223,7 @@ def test_module_inputs():
     assert repr(m) == ("LocalContrastNorm(kernel_size=7, sigma=1.5, eps=0.001, divisor='lecun', "
                        "across_channels=False)")
     assert list(m.parameters()) == [] and m.state_dict() == {}
-    batch = torch.randint(0, 256, (3, 3, 8, 9), generator=_gen("module"), dtype=torch.uint8)
-    want = F.local_contrast_norm(batch.float(), 7, 1.5, 1e-3, divisor="lecun")  # values kept: no / 255
-    torch.testing.assert_close(m(batch), want)
-    assert m(batch).dtype == torch.float32
-    torch.testing.assert_close(m(batch[1]), want[1])  # one C,H,W image
-    out = m(batch.numpy())  # numpy N,C,H,W -> numpy N,C,H,W
-    assert isinstance(out, np.ndarray) and out.shape == (3, 3, 8, 9) and out.dtype == np.float32
-    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
-    hwc = batch[2].permute(1, 2, 0).numpy()  # numpy H,W,C image -> numpy H,W,C
-    out = m(hwc)
-    assert isinstance(out, np.ndarray) and out.shape == hwc.shape
-    np.testing.assert_allclose(out, want[2].permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(m(hwc[:, ::-1]), m(np.ascontiguousarray(hwc[:, ::-1])))  # negative strides
-    assert m(hwc.astype(np.float64)).dtype == np.float64
+    _, hwc = check_image_module(m, lambda b: F.local_contrast_norm(b, 7, 1.5, 1e-3, divisor="lecun"), 1e-5)
     frozen = hwc.copy()
     frozen.flags.writeable = False  # e.g. a decoded image: copied, no warning
     with warnings.catch_warnings():

@@ -15,6 +15,8 @@ import zlib
 import pytest
 import torch
 from conftest import DTYPES, SEEDS, backend_params, seed_of
+from conftest import PHILOX_KAT as KAT
+from conftest import PHILOX_KAT_IDS as KAT_IDS
 from conftest import make_layout as make
 
 import dlkernels.reference.dropout as R
@@ -22,17 +24,6 @@ import dlkernels.reference.dropout as R
 M32 = 0xFFFFFFFF
 TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 TRITON = [p for p in backend_params(TRITON_DEVICE) if p.id == "triton"]
-
-# Random123's tests/kat_vectors, the three "philox4x32 10" lines (counter, key, output); also
-# copied in Random123-Boost's libs/random/test/test_philox.cpp and TensorFlow's Philox tests.
-KAT = [
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
-     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]  # fmt: skip
 
 
 def triton_module():
@@ -76,12 +67,12 @@ def to_triton(*ts: torch.Tensor):
 # --- Philox known answers -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("counter,key,out", KAT, ids=["zeros", "ones", "pi"])
+@pytest.mark.parametrize("counter,key,out", KAT, ids=KAT_IDS)
 def test_kat_python(counter, key, out):
     assert philox_py(counter, key) == out
 
 
-@pytest.mark.parametrize("counter,key,out", KAT, ids=["zeros", "ones", "pi"])
+@pytest.mark.parametrize("counter,key,out", KAT, ids=KAT_IDS)
 def test_kat_reference(counter, key, out):
     got = R.philox4x32_10(torch.tensor([counter, counter]), key)
     assert got.dtype == torch.int64 and got.shape == (2, 4)

@@ -1,5 +1,6 @@
 """Helpers shared by the Triton families: compute type, program offsets, fast integer division,
-and the layout preparation every launcher does (the same rules as the C++ backend's csrc/prep.h)."""
+the layout preparation every launcher does (the same rules as the C++ backend's csrc/prep.h), and
+the split reductions' programs and partials."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlkernels._dtypes import compute_dtype
 from dlkernels._layout import is_dense
 
 
@@ -24,6 +26,18 @@ def offsets(BLOCK: tl.constexpr, WIDE: tl.constexpr):
     if WIDE:
         pid = pid.to(tl.int64)
     return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def split_program(first, WIDE: tl.constexpr):
+    # (first, s, SPLIT) of program (first, s) on a grid (..., SPLIT) whose programs stride over
+    # the blocks s, s + SPLIT, ... of their slice; first is program_id(0) or a function of it.
+    # int64 when WIDE, so that offsets computed from them cannot overflow.
+    s = tl.program_id(1)
+    if WIDE:
+        first = first.to(tl.int64)
+        s = s.to(tl.int64)
+    return first, s, tl.num_programs(1)
 
 
 @triton.jit
@@ -64,3 +78,18 @@ def divider(d: int) -> tuple[int, int, int]:
     # 0 <= n < 2**31 (PyTorch's IntDivider); d = 1 gives (1, 1, 0)
     shift = (d - 1).bit_length()
     return d, (2**32 * (2**shift - d)) // d + 1, shift
+
+
+def channel_partials(xd: torch.Tensor, c: int, block: int, target_programs: int) -> tuple[int, torch.Tensor]:
+    """(m, part) of a per-channel reduction over dense xd as [outer, C, inner] (the PReLU
+    backwards): m = outer * inner positions per channel, part an empty [C, SPLIT] tensor of the
+    compute type for the programs' partial sums, SPLIT programs per channel of `block`-sized
+    blocks, about `target_programs` in all."""
+    m = xd.numel() // c
+    split = min(triton.cdiv(m, block), max(1, target_programs // c))
+    return m, torch.empty((c, split), dtype=compute_dtype(xd), device=xd.device)
+
+
+def weight_grad(part: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # the [C, SPLIT] partials summed in a fixed order, in weight's shape and dtype
+    return part.sum(1).to(weight.dtype).reshape(weight.shape)

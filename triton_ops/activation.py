@@ -16,7 +16,19 @@ import triton.language as tl
 from dlkernels._layout import is_dense as _is_dense
 
 from ._aot import AotSpec
-from ._common import channels, dense, divider, fast_divmod, like, offsets, on_device, to_compute
+from ._common import (
+    channel_partials,
+    channels,
+    dense,
+    divider,
+    fast_divmod,
+    like,
+    offsets,
+    on_device,
+    split_program,
+    to_compute,
+    weight_grad,
+)
 
 BLOCK = 1024
 # C * SPLIT programs aimed at by the PReLU backward: about one full wave of 4-warp programs on
@@ -71,12 +83,8 @@ def _prelu_bwd_kernel(
     # Memory is [outer, C, inner] and m = outer * inner. Program (c, s) takes blocks s, s + SPLIT,
     # ... of channel c's m positions: it writes grad_input there and one partial sum of the
     # weight gradient to part[c, s]. A fixed order and no atomics: deterministic.
-    c = tl.program_id(0) % C  # == program_id(0); folds to 0 when the JIT makes C = 1 a constant
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        c = c.to(tl.int64)
-        s = s.to(tl.int64)
+    # c == program_id(0); % C folds it to 0 when the JIT makes C = 1 a constant
+    c, s, split = split_program(tl.program_id(0) % C, WIDE)
     acc_ty = part_ptr.dtype.element_ty
     w = tl.load(w_ptr + c).to(acc_ty)
     acc = tl.zeros([BLOCK], dtype=acc_ty)
@@ -161,15 +169,12 @@ def prelu_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) ->
     gi = torch.empty_like(xd)
     c, inner = channels(xd, weight)
     n = xd.numel()
-    m = n // c
-    split = min(triton.cdiv(m, BLOCK), max(1, _TARGET_PROGRAMS // c))
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
+    m, part = channel_partials(xd, c, BLOCK, _TARGET_PROGRAMS)
     with on_device(xd):
-        _prelu_bwd_kernel[(c, split)](
+        _prelu_bwd_kernel[(c, part.shape[1])](
             gd, xd, weight.contiguous(), gi, part, m, *divider(inner), c, BLOCK=BLOCK, WIDE=n > _INT32_LIMIT
         )
-    return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
+    return gi, weight_grad(part, weight)
 
 
 # Constants the JIT makes of integer arguments equal to 1 (a divider of 1 is (1, 1, 0)).

@@ -37,7 +37,7 @@ from dlkernels.reference.batch_norm import (
 )
 
 from ._aot import AotSpec
-from ._common import dense, divider, fast_divmod, like, on_device
+from ._common import dense, divider, fast_divmod, like, on_device, split_program
 from .dropout import (
     _MAXD,
     _element_words,
@@ -65,12 +65,9 @@ _TARGET_PROGRAMS = 2048
 
 @triton.jit
 def _program(BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
-    cb = tl.program_id(0)
-    s = tl.program_id(1)
-    if WIDE:
-        cb = cb.to(tl.int64)
-        s = s.to(tl.int64)
-    return cb * BLOCK_C + tl.arange(0, BLOCK_C), s, tl.num_programs(1)
+    # (channels, s, SPLIT) of program (channel block, s)
+    cb, s, split = split_program(tl.program_id(0), WIDE)
+    return cb * BLOCK_C + tl.arange(0, BLOCK_C), s, split
 
 
 @triton.jit
@@ -98,6 +95,22 @@ def _slopes(pw_ptr, cols, C, slope, acc_ty: tl.constexpr, BLOCK_C: tl.constexpr,
     if ACT == _PRELU:
         sl = _cload(pw_ptr, cols, C)
     return sl
+
+
+@triton.jit
+def _params(mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, cols, C, slope, acc_ty: tl.constexpr, BLOCK_C: tl.constexpr,
+            ACT: tl.constexpr):  # fmt: skip
+    # the per-channel values of the forward and backward passes: mean, invstd, weight, bias, slopes
+    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
+    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
+    return mean, invstd, w, b, _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
+
+
+@triton.jit
+def _store_part(part_ptr, k, v, cols, s, split, C):
+    # part[k, c, s] = v[c] of a [K, C, SPLIT] partials tensor, for the program's channels
+    # (plane + (cols * split + s): the grouping of the inline stores, which keeps the same code)
+    tl.store(part_ptr + k * (C * split) + (cols * split + s), v, mask=cols < C)
 
 
 @triton.jit
@@ -172,13 +185,10 @@ def _stats_kernel(
         k += 1.0
     f64 = tl.float64
     mean_c, m2_c, n_c = tl.reduce((mean.to(f64), m2.to(f64), cnt.to(f64)), 0, _chan)
-    base = cols * split + s
-    plane = C * split
-    cm = cols < C
-    tl.store(part_ptr + base, n_c, mask=cm)
-    tl.store(part_ptr + plane + base, mean_c, mask=cm)
-    tl.store(part_ptr + 2 * plane + base, m2_c, mask=cm)
-    tl.store(part_ptr + 3 * plane + base, tl.sum(bad.to(f64), 0), mask=cm)
+    _store_part(part_ptr, 0, n_c, cols, s, split, C)
+    _store_part(part_ptr, 1, mean_c, cols, s, split, C)
+    _store_part(part_ptr, 2, m2_c, cols, s, split, C)
+    _store_part(part_ptr, 3, tl.sum(bad.to(f64), 0), cols, s, split, C)
 
 
 # `slope` and the dropout `scale` are annotated fp64 so the kernels see the exact values (see
@@ -196,9 +206,7 @@ def _fwd_kernel(
 ):  # fmt: skip
     cols, s, split = _program(BLOCK_C, WIDE)
     acc_ty = mean_ptr.dtype.element_ty
-    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
-    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
-    sl = _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
+    mean, invstd, w, b, sl = _params(mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
     for start in range(s * BLOCK_P, m, split * BLOCK_P):
         offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
         x = tl.load(x_ptr + offs, mask=mask).to(acc_ty)
@@ -223,9 +231,7 @@ def _bwd_reduce_kernel(
     # part: [3, C, SPLIT] of (sum dz, sum dz * xhat, PReLU slope gradient)
     cols, s, split = _program(BLOCK_C, WIDE)
     acc_ty = part_ptr.dtype.element_ty
-    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
-    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
-    sl = _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
+    mean, invstd, w, b, sl = _params(mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
     s_dz = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     s_dzx = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
     s_pw = tl.zeros([BLOCK_P, BLOCK_C], acc_ty)
@@ -243,13 +249,10 @@ def _bwd_reduce_kernel(
         s_dzx += tl.where(mask, dz * xhat, 0.0)
         if ACT == _PRELU:
             s_pw += tl.where(mask & ~(z > 0), z * g, 0.0)
-    base = cols * split + s
-    plane = C * split
-    cm = cols < C
-    tl.store(part_ptr + base, tl.sum(s_dz, 0), mask=cm)
-    tl.store(part_ptr + plane + base, tl.sum(s_dzx, 0), mask=cm)
+    _store_part(part_ptr, 0, tl.sum(s_dz, 0), cols, s, split, C)
+    _store_part(part_ptr, 1, tl.sum(s_dzx, 0), cols, s, split, C)
     if ACT == _PRELU:
-        tl.store(part_ptr + 2 * plane + base, tl.sum(s_pw, 0), mask=cm)
+        _store_part(part_ptr, 2, tl.sum(s_pw, 0), cols, s, split, C)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -262,10 +265,8 @@ def _bwd_elemt_kernel(
     # a = sum_dz / count, q = sum_dz_xhat / count (per channel)
     cols, s, split = _program(BLOCK_C, WIDE)
     acc_ty = mean_ptr.dtype.element_ty
-    mean, invstd = _cload(mean_ptr, cols, C), _cload(invstd_ptr, cols, C)
-    w, b = _cload(w_ptr, cols, C), _cload(b_ptr, cols, C)
+    mean, invstd, w, b, sl = _params(mean_ptr, invstd_ptr, w_ptr, b_ptr, pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
     a, q = _cload(a_ptr, cols, C), _cload(q_ptr, cols, C)
-    sl = _slopes(pw_ptr, cols, C, slope, acc_ty, BLOCK_C, ACT)
     k = w * invstd
     for start in range(s * BLOCK_P, m, split * BLOCK_P):
         offs, mask = _tile(start, cols, m, C, inner, inner_m, inner_s, BLOCK_P, CL, WIDE)
@@ -288,6 +289,15 @@ def _cvec(t: torch.Tensor | None, x: torch.Tensor, fill: float) -> torch.Tensor:
     if t is None:
         return torch.full((c,), fill, dtype=compute_dtype(x), device=x.device)
     return t.to(compute_dtype(x)).reshape(-1).expand(c).contiguous()
+
+
+def _cvecs(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None,
+           bias: torch.Tensor | None, prelu_weight: torch.Tensor | None, act: int) -> tuple[torch.Tensor, ...]:
+    """The kernels' (mean, invstd, weight, bias, PReLU slopes) arguments as _cvec tensors; without
+    PReLU the slopes pointer is never read and mean stands in for it."""
+    mean_v = _cvec(mean, x, 0.0)
+    pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else mean_v
+    return mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw
 
 
 # The dropout arguments of a launch without dropout (unused: DROP is off).
@@ -375,13 +385,9 @@ def batch_norm_act_forward(
     y = torch.empty_like(xd)
     grid, args, consts = _geometry(xd)
     dargs, dconsts = _drop_args(xd, p, seed)
-    pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else None
-    mean_v = _cvec(mean, x, 0.0)
+    params = _cvecs(x, mean, invstd, weight, bias, prelu_weight, act)
     with on_device(xd):
-        _fwd_kernel[grid](
-            xd, y, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0),
-            mean_v if pw is None else pw, *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts,
-        )  # fmt: skip
+        _fwd_kernel[grid](xd, y, *params, *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts)
     return y
 
 
@@ -414,13 +420,11 @@ def batch_norm_act_backward_reduce(
         grid, args, consts = _geometry(xd)
         dargs, dconsts = _drop_args(xd, p, seed)
         part = (torch.zeros if prelu else torch.empty)((3, c, grid[1]), dtype=acc, device=x.device)
-        mean_v = _cvec(mean, x, 0.0)
-        pw = _cvec(prelu_weight, x, 0.25) if prelu else mean_v
+        params = _cvecs(x, mean, invstd, weight, bias, prelu_weight, act)
         with on_device(xd):
             _bwd_reduce_kernel[grid](
-                gd, xd, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, part,
-                *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts,
-            )  # fmt: skip
+                gd, xd, *params, part, *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts
+            )
         sums = part.sum(2)
     if prelu:
         gp = sums[2].sum() if prelu_weight.numel() == 1 else sums[2]
@@ -458,14 +462,12 @@ def batch_norm_act_backward_elemt(
     gi = torch.empty_like(xd)
     grid, args, consts = _geometry(xd)
     dargs, dconsts = _drop_args(xd, p, seed)
-    mean_v = _cvec(mean, x, 0.0)
-    pw = _cvec(prelu_weight, x, 0.25) if act == ACT_PRELU else mean_v
+    params = _cvecs(x, mean, invstd, weight, bias, prelu_weight, act)
     a, q = _cvec(sum_dz, x, 0.0) / count, _cvec(sum_dz_xhat, x, 0.0) / count
     with on_device(xd):
         _bwd_elemt_kernel[grid](
-            gd, xd, gi, mean_v, _cvec(invstd, x, 1.0), _cvec(weight, x, 1.0), _cvec(bias, x, 0.0), pw, a, q,
-            *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts,
-        )  # fmt: skip
+            gd, xd, gi, *params, a, q, *args, float(slope), *dargs, ACT=int(act), **consts, **dconsts
+        )
     return gi
 
 

@@ -36,7 +36,7 @@ from dlkernels.codes import LcnDivisor
 from dlkernels.reference.contrast_norm import blocked, gaussian_window, inverse_normalizer, lcn_layout
 
 from ._aot import AotSpec
-from ._common import like, on_device
+from ._common import like, on_device, split_program
 
 BLOCK = 1024
 # N * SPLIT programs aimed at by the reductions: about one wave of 4-warp programs on a 132-SM GPU.
@@ -48,12 +48,7 @@ _STYLES = {"book": 0, "pylearn2_std": 1, "pylearn2_l2": 2}
 @triton.jit
 def _gcn_partial_kernel(x_ptr, part_ptr, M, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # program (i, s): blocks s, s + SPLIT, ... of example i; part[i, s] = (count, mean, M2)
-    i = tl.program_id(0)
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        i = i.to(tl.int64)
-        s = s.to(tl.int64)
+    i, s, split = split_program(tl.program_id(0), WIDE)
     acc_ty = part_ptr.dtype.element_ty
     base = x_ptr + i * M
     shift = tl.load(base).to(acc_ty)  # about the first value: a constant example is exactly (value, 0)
@@ -153,12 +148,7 @@ def _gcn_apply_kernel(x_ptr, stats_ptr, y_ptr, M, NBLK, BLOCK: tl.constexpr, WID
 @triton.jit
 def _gcn_bwd_partial_kernel(g_ptr, x_ptr, stats_ptr, part_ptr, M, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # part[i, s] = (sum(g), sum(g * (x - a))) over blocks s, s + SPLIT, ... of example i
-    i = tl.program_id(0)
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        i = i.to(tl.int64)
-        s = s.to(tl.int64)
+    i, s, split = split_program(tl.program_id(0), WIDE)
     acc_ty = part_ptr.dtype.element_ty
     mean = tl.load(stats_ptr + i * 4)
     a0 = tl.zeros([BLOCK], dtype=acc_ty)
@@ -280,25 +270,38 @@ def _lcn_coef(s, c, eps, LECUN: tl.constexpr):
 
 
 @triton.jit
-def _lcn_row_kernel(src_ptr, aux_ptr, vec_ptr, out_ptr, w_ptr, izr_ptr, izc_ptr, C, CS, H, W, RW,
-                    s_n, s_c, s_h, s_w, MODE: tl.constexpr, ACROSS: tl.constexpr, BLOCK: tl.constexpr,
-                    WIDE: tl.constexpr):
-    # program (p * H + h, jb): out[p, h, j] = sum_k w[k] src[p, h, j + k - RW] (zero outside) for
-    # BLOCK columns j of statistics plane p = n * CS + cs; src per MODE (see the module docstring)
-    ph = tl.program_id(0)
+def _lcn_row(H, WIDE: tl.constexpr):
+    # (pid, q, h) of a program of a row pass: program_id(0) = pid = q * H + h, q a plane or channel
+    pid = tl.program_id(0)
     if WIDE:
-        ph = ph.to(tl.int64)
-    acc_ty = out_ptr.dtype.element_ty
-    p = ph // H
-    h = ph - p * H
+        pid = pid.to(tl.int64)
+    q = pid // H
+    return pid, q, pid - q * H
+
+
+@triton.jit
+def _lcn_plane(C, CS, H, ACROSS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # A statistics pass's program (ph, jb), ph = p * H + h: (ph, p, h, n, c0, nc, j) for its BLOCK
+    # columns j of row h of statistics plane p = n * CS + cs, made of channels c0 .. c0 + nc - 1
+    ph, p, h = _lcn_row(H, WIDE)
     n = p // CS
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     if ACROSS:
         c0 = 0
         nc = C
     else:
         c0 = p - n * CS
         nc = 1
+    return ph, p, h, n, c0, nc, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _lcn_row_kernel(src_ptr, aux_ptr, vec_ptr, out_ptr, w_ptr, izr_ptr, izc_ptr, C, CS, H, W, RW,
+                    s_n, s_c, s_h, s_w, MODE: tl.constexpr, ACROSS: tl.constexpr, BLOCK: tl.constexpr,
+                    WIDE: tl.constexpr):
+    # program (p * H + h, jb): out[p, h, j] = sum_k w[k] src[p, h, j + k - RW] (zero outside) for
+    # BLOCK columns j of statistics plane p = n * CS + cs; src per MODE (see the module docstring)
+    ph, p, h, n, c0, nc, j = _lcn_plane(C, CS, H, ACROSS, BLOCK, WIDE)
+    acc_ty = out_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK], dtype=acc_ty)
     for k in range(0, 2 * RW + 1):
         jj = j + (k - RW)
@@ -336,11 +339,7 @@ def _lcn_col_kernel(t_ptr, out_ptr, w_ptr, izr_ptr, H, W, RH, NORM: tl.constexpr
                     BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # program (p * H + h, jb): out[p, h, j] = sum_k w[k] t[p, h + k - RH, j] (zero outside),
     # NORM: times 1/zr(h); SQRT: its square root
-    ph = tl.program_id(0)
-    if WIDE:
-        ph = ph.to(tl.int64)
-    p = ph // H
-    h = ph - p * H
+    ph, p, h = _lcn_row(H, WIDE)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < W
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
@@ -369,17 +368,27 @@ def _lcn_mean_kernel(src_ptr, out_ptr, HW, BLOCK: tl.constexpr, WIDE: tl.constex
 
 
 @triton.jit
-def _lcn_elem(pid, C, CS, H, ACROSS: tl.constexpr):
-    # (n, c, h, p) of program (n * C + c) * H + h; p: its statistics plane
-    nc = pid // H
-    h = pid - nc * H
+def _lcn_elem(C, H, W, ACROSS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # An elementwise pass's program (pid, jb), pid = (n * C + c) * H + h: (pid, n, c, h, p, j,
+    # mask) for its BLOCK columns j of row h of channel (n, c); p: its statistics plane
+    pid, nc, h = _lcn_row(H, WIDE)
     n = nc // C
     c = nc - n * C
     if ACROSS:
         p = n
     else:
         p = nc
-    return n, c, h, p
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return pid, n, c, h, p, j, j < W
+
+
+@triton.jit
+def _lcn_stats(m_ptr, s_ptr, cm_ptr, st, p, mask, eps, LECUN: tl.constexpr):
+    # the local mean m at statistics offsets st of plane p, and lcn_coef's (inv, on_s, on_c) there
+    m = tl.load(m_ptr + st, mask=mask, other=0)
+    sd = tl.load(s_ptr + st, mask=mask, other=1)
+    inv, on_s, on_c = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, m_ptr.dtype.element_ty), LECUN)
+    return m, inv, on_s, on_c
 
 
 @triton.jit
@@ -387,17 +396,9 @@ def _lcn_out_kernel(x_ptr, y_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, eps: tl.float
                     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, ACROSS: tl.constexpr, LECUN: tl.constexpr,
                     BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # y = (x - shift - m) * inv for BLOCK columns of row h of channel (n, c)
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    n, c, h, p = _lcn_elem(pid, C, CS, H, ACROSS)
+    _, n, c, h, p, j, mask = _lcn_elem(C, H, W, ACROSS, BLOCK, WIDE)
     acc_ty = m_ptr.dtype.element_ty
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < W
-    st = (p * H + h) * W + j
-    m = tl.load(m_ptr + st, mask=mask, other=0)
-    sd = tl.load(s_ptr + st, mask=mask, other=1)
-    inv, _, _ = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, acc_ty), LECUN)
+    m, inv, _, _ = _lcn_stats(m_ptr, s_ptr, cm_ptr, (p * H + h) * W + j, p, mask, eps, LECUN)
     x = tl.load(x_ptr + n * sx_n + c * sx_c + h * sx_h + j * sx_w, mask=mask, other=0).to(acc_ty)
     y = (x - tl.load(shift_ptr + p) - m) * inv
     tl.store(y_ptr + n * sy_n + c * sy_c + h * sy_h + j * sy_w, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -409,25 +410,11 @@ def _lcn_bwd_gs_kernel(g_ptr, x_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, gs_ptr, ct
                        BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # per statistic: gd = sum over its channels of -g v inv^2; gs = gd where s is the divisor,
     # ct = gd where lecun's c is
-    ph = tl.program_id(0)
-    if WIDE:
-        ph = ph.to(tl.int64)
+    ph, p, h, n, c0, nc, j = _lcn_plane(C, CS, H, ACROSS, BLOCK, WIDE)
     acc_ty = m_ptr.dtype.element_ty
-    p = ph // H
-    h = ph - p * H
-    n = p // CS
-    if ACROSS:
-        c0 = 0
-        nc = C
-    else:
-        c0 = p - n * CS
-        nc = 1
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = j < W
     st = ph * W + j
-    m = tl.load(m_ptr + st, mask=mask, other=0)
-    sd = tl.load(s_ptr + st, mask=mask, other=1)
-    inv, on_s, on_c = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, acc_ty), LECUN)
+    m, inv, on_s, on_c = _lcn_stats(m_ptr, s_ptr, cm_ptr, st, p, mask, eps, LECUN)
     shift = tl.load(shift_ptr + p)
     gd = tl.zeros([BLOCK], dtype=acc_ty)
     for c in range(c0, c0 + nc):
@@ -443,18 +430,11 @@ def _lcn_bwd_gv_kernel(g_ptr, x_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, r_ptr, gv_
                        sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, ACROSS: tl.constexpr, LECUN: tl.constexpr,
                        BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # gv = g inv + f2 v R (f2 = 2, or 2 / C across channels) into the contiguous (N, C, H, W) gv
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    n, c, h, p = _lcn_elem(pid, C, CS, H, ACROSS)
+    pid, n, c, h, p, j, mask = _lcn_elem(C, H, W, ACROSS, BLOCK, WIDE)
     acc_ty = m_ptr.dtype.element_ty
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < W
     st = (p * H + h) * W + j
-    m = tl.load(m_ptr + st, mask=mask, other=0)
-    sd = tl.load(s_ptr + st, mask=mask, other=1)
+    m, inv, _, _ = _lcn_stats(m_ptr, s_ptr, cm_ptr, st, p, mask, eps, LECUN)
     r = tl.load(r_ptr + st, mask=mask, other=0)
-    inv, _, _ = _lcn_coef(sd, tl.load(cm_ptr + p), tl.full([], eps, acc_ty), LECUN)
     x = tl.load(x_ptr + n * sx_n + c * sx_c + h * sx_h + j * sx_w, mask=mask, other=0).to(acc_ty)
     g = tl.load(g_ptr + n * sg_n + c * sg_c + h * sg_h + j * sg_w, mask=mask, other=0).to(acc_ty)
     if ACROSS:
@@ -469,12 +449,7 @@ def _lcn_bwd_gv_kernel(g_ptr, x_ptr, m_ptr, s_ptr, cm_ptr, shift_ptr, r_ptr, gv_
 def _lcn_bwd_out_kernel(gv_ptr, u_ptr, gx_ptr, C, CS, H, W, so_n, so_c, so_h, so_w, ACROSS: tl.constexpr,
                         BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # grad_input = gv - f U (f = 1, or 1 / C across channels)
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    n, c, h, p = _lcn_elem(pid, C, CS, H, ACROSS)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < W
+    pid, n, c, h, p, j, mask = _lcn_elem(C, H, W, ACROSS, BLOCK, WIDE)
     u = tl.load(u_ptr + (p * H + h) * W + j, mask=mask, other=0)
     if ACROSS:
         u = u / C

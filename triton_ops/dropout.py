@@ -31,7 +31,7 @@ import triton.language as tl
 from dlkernels.reference.dropout import seed_key, threshold
 
 from ._aot import AotSpec
-from ._common import channels, dense, like, on_device, to_compute
+from ._common import channel_partials, channels, dense, like, on_device, split_program, to_compute, weight_grad
 
 BLOCK = 1024  # elements per program (a multiple of 4: four elements share one Philox evaluation)
 _MAXD = 4  # coalesced dims the kernels' index map takes
@@ -155,6 +155,20 @@ def _round_to(y, ty: tl.constexpr):
         return y.to(ty)
 
 
+@triton.jit
+def _flat_words(bits_ptr, n, k0, k1, s0, s1, s2, w0, w1, w2, w3,
+                BLOCK: tl.constexpr, NDIM: tl.constexpr, PERCH: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+    # (offs, mask, word) of program b of a flat walk: memory positions b * BLOCK + [0, BLOCK),
+    # those below n, and their words (see _words); k0, k1 are the kernels' int32 seed halves
+    b = tl.program_id(0)
+    if WIDE:
+        b = b.to(tl.int64)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    word = _words(offs, b, bits_ptr, mask, _u32(k0), _u32(k1), s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, PERCH, WIDE)
+    return offs, mask, word
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _dropout_bits_kernel(out_ptr, n, k0, k1, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # out[i] = the word of logical index i (zero-extended into int64)
@@ -191,12 +205,7 @@ def _dropout_fwd_kernel(
     BLOCK: tl.constexpr, ACT: tl.constexpr, NDIM: tl.constexpr, PERCH: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     # y = act(x) * m on dense memory; for PReLU memory is [outer, C, inner] (channel (o // inner) % C)
-    b = tl.program_id(0)
-    if WIDE:
-        b = b.to(tl.int64)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    word = _words(offs, b, bits_ptr, mask, _u32(k0), _u32(k1), s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, PERCH, WIDE)
+    offs, mask, word = _flat_words(bits_ptr, n, k0, k1, s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, PERCH, WIDE)
     x = to_compute(tl.load(x_ptr + offs, mask=mask))
     if ACT == _LEAKY:
         x = tl.where(x > 0, x, x * tl.full([], slope, x.dtype))
@@ -213,12 +222,7 @@ def _dropout_leaky_bwd_kernel(
     s0, s1, s2, w0, w1, w2, w3, BLOCK: tl.constexpr, NDIM: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     # d = g * m; gi = d where x > 0 else d * slope
-    b = tl.program_id(0)
-    if WIDE:
-        b = b.to(tl.int64)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    word = _words(offs, b, x_ptr, mask, _u32(k0), _u32(k1), s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, False, WIDE)
+    offs, mask, word = _flat_words(x_ptr, n, k0, k1, s0, s1, s2, w0, w1, w2, w3, BLOCK, NDIM, False, WIDE)
     x = tl.load(x_ptr + offs, mask=mask)
     g = to_compute(tl.load(g_ptr + offs, mask=mask))
     d = g * _multiplier(word, thr, scale, g.dtype)
@@ -235,12 +239,8 @@ def _dropout_prelu_bwd_kernel(
     # ... of channel c's m positions: it writes grad_input there and one partial sum of the
     # weight gradient to part[c, s] (a fixed order, no atomics). NDIM == 0 only with one slope
     # (C = inner = 1), where position p is memory position and logical index p.
-    c = tl.program_id(0) % C  # == program_id(0); folds to 0 when the JIT makes C = 1 a constant
-    s = tl.program_id(1)
-    split = tl.num_programs(1)
-    if WIDE:
-        c = c.to(tl.int64)
-        s = s.to(tl.int64)
+    # c == program_id(0); % C folds it to 0 when the JIT makes C = 1 a constant
+    c, s, split = split_program(tl.program_id(0) % C, WIDE)
     k0 = _u32(k0)
     k1 = _u32(k1)
     acc_ty = part_ptr.dtype.element_ty
@@ -345,6 +345,17 @@ def _on_contiguous(fn, x: torch.Tensor, *tensors: torch.Tensor):
     return torch.empty_like(x).copy_(out)
 
 
+def _dense_mapped(x: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, list[int], int] | None:
+    """(dense x, index-map arguments, NDIM) of non-empty x, or None where x's layout coalesces to
+    more dims than the kernels' index map takes: the caller reruns on contiguous copies."""
+    xd = dense(x)
+    dims = _index_map(xd, per_channel)
+    if len(dims) > _MAXD:
+        return None
+    margs, ndim = _map_args(dims)
+    return xd, margs, ndim
+
+
 def _forward(x: torch.Tensor, act: int, weight: torch.Tensor | None, slope: float, p: float, seed: int,
              per_channel: bool = False) -> torch.Tensor:  # fmt: skip
     thr = _threshold_arg(p)
@@ -352,11 +363,10 @@ def _forward(x: torch.Tensor, act: int, weight: torch.Tensor | None, slope: floa
         raise ValueError("per-channel dropout needs an input of at least 2 dims (N, C, ...)")
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = dense(x)
-    dims = _index_map(xd, per_channel)
-    if len(dims) > _MAXD:
+    mapped = _dense_mapped(x, per_channel)
+    if mapped is None:
         return _on_contiguous(lambda xc: _forward(xc, act, weight, slope, p, seed, per_channel), x)
-    margs, ndim = _map_args(dims)
+    xd, margs, ndim = mapped
     if per_channel and ndim > 0:  # the words of the (N, C) grid
         bits = _bits(xd.shape[:2], seed, xd.device)
     else:
@@ -395,11 +405,10 @@ def leaky_relu_dropout_backward(grad: torch.Tensor, x: torch.Tensor, negative_sl
     thr = _threshold_arg(p)
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd = dense(x)
-    dims = _index_map(xd, False)
-    if len(dims) > _MAXD:
+    mapped = _dense_mapped(x, False)
+    if mapped is None:
         return _on_contiguous(lambda xc, gc: leaky_relu_dropout_backward(gc, xc, negative_slope, p, seed), x, grad)
-    margs, ndim = _map_args(dims)
+    xd, margs, ndim = mapped
     gd = like(grad, xd)
     gi = torch.empty_like(xd)
     n = xd.numel()
@@ -419,27 +428,23 @@ def prelu_dropout_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Te
     thr = _threshold_arg(p)
     if x.numel() == 0:
         return torch.empty_like(x), torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    xd = dense(x)
-    dims = _index_map(xd, False)
-    if len(dims) > _MAXD:
+    mapped = _dense_mapped(x, False)
+    if mapped is None:
         return _on_contiguous(lambda xc, gc: prelu_dropout_backward(gc, xc, weight, p, seed), x, grad)
-    margs, ndim = _map_args(dims)
+    xd, margs, ndim = mapped
     gd = like(grad, xd)
     gi = torch.empty_like(xd)
     c, inner = channels(xd, weight)
     if ndim == 0 and c > 1:  # row-major, but a channel's blocks are not aligned runs of indices
         margs, ndim = [1, 1, 1, 1, 0, 0, 0], 1
     n = xd.numel()
-    m = n // c
-    split = min(triton.cdiv(m, BLOCK), max(1, _TARGET_PROGRAMS // c))
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    part = torch.empty((c, split), dtype=acc_dtype, device=x.device)
+    m, part = channel_partials(xd, c, BLOCK, _TARGET_PROGRAMS)
     with on_device(xd):
-        _dropout_prelu_bwd_kernel[(c, split)](
+        _dropout_prelu_bwd_kernel[(c, part.shape[1])](
             gd, xd, weight.contiguous(), gi, part, m, inner, c, *_seed_args(seed), thr, 1.0 / (1.0 - p), *margs,
             BLOCK=BLOCK, NDIM=ndim, WIDE=n > _INT32_LIMIT,
         )  # fmt: skip
-    return gi, part.sum(1).to(weight.dtype).reshape(weight.shape)
+    return gi, weight_grad(part, weight)
 
 
 # ---------------------------------------------------------------------------------------------
