@@ -138,12 +138,15 @@ PathOps<S> path_ops(const ChannelView& v) {
 
 // Calls body(unit_index, offset, length) over units of `len` elements in parallel (the last one
 // may be shorter): rows of `inner` elements (row path) or runs of whole tiles (tile path).
+// nt: the body streams its stores (loadstore.h), so each task ends with a fence (once per task:
+// a fence per short row would wait for the write-combining buffers every few hundred bytes).
 template <typename F>
-void for_each_unit(const ChannelView& v, int64_t len, F&& body) {
+void for_each_unit(const ChannelView& v, int64_t len, F&& body, bool nt = false) {
   const int64_t total = v.outer * v.channels * v.inner;
   const int64_t units = (total + len - 1) / len;
   at::parallel_for(0, units, std::max<int64_t>(1, kGrain / len), [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) body(u, u * len, std::min(len, total - u * len));
+    if (nt) stream_fence();
   });
 }
 

@@ -76,7 +76,6 @@ void row_forward(const S* x, S* y, int64_t off, int64_t len, int act, const RowK
     fwd_row(act, load(x + i, xb, m), out_block(y + i, yb, nt), m, k);
     store_out(yb, y + i, m, nt);
   }
-  if (nt) stream_fence();
 }
 
 // Adds the row's sum dz, sum dz * xhat and PReLU slope gradient to acc[0..2].
@@ -107,7 +106,6 @@ void row_elemt(const S* g, const S* x, S* gi, int64_t off, int64_t len, int act,
     elemt_row(act, gv, load(x + i, xb, m), out_block(gi + i, ob, nt), m, k);
     store_out(ob, gi + i, m, nt);
   }
-  if (nt) stream_fence();
 }
 
 // ---- the passes ----
@@ -128,7 +126,7 @@ void forward(const S* x, S* y, int64_t act, const Ks& ks, const ChannelView& v, 
   const bool nt = d == nullptr && streams<S>(v.outer * v.channels * v.inner);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
     row_forward(x, y, off, len, act, rk[r % v.channels], d, nt);
-  });
+  }, nt);
 }
 
 template <typename S>
@@ -150,7 +148,7 @@ void elemt(const S* g, const S* x, S* gi, int64_t act, const Ks& ks, const Chann
   const bool nt = streams<S>(v.outer * v.channels * v.inner);
   for_each_unit(v, v.inner, [&](int64_t r, int64_t off, int64_t len) {
     row_elemt(g, x, gi, off, len, act, rk[r % v.channels], d, nt);
-  });
+  }, nt);
 }
 
 }  // namespace
