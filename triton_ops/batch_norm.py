@@ -33,6 +33,7 @@ from dlkernels.reference.batch_norm import (
     ACT_PRELU,
     ACT_RELU,
     compose_backward,
+    compose_eval,
     compose_train,
 )
 
@@ -472,6 +473,7 @@ def batch_norm_act_backward_elemt(
 
 
 batch_norm_act_train = compose_train(batch_norm_stats, batch_norm_act_forward)
+batch_norm_act_eval = compose_eval(batch_norm_act_forward)
 batch_norm_act_backward = compose_backward(batch_norm_act_backward_reduce, batch_norm_act_backward_elemt)
 
 # The two tile shapes _geometry picks (channels_last shown with 64-channel tiles, where the JIT

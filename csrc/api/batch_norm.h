@@ -25,6 +25,12 @@
       const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& prelu_w,               \
       const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, int64_t count, int64_t act,        \
       double slope, double p, int64_t seed);                                                      \
+  /* eval: the forward with invstd = rsqrt(running_var + eps) taken in the compute type, as torch */ \
+  at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_mean,             \
+                                 const at::Tensor& running_var, const std::optional<at::Tensor>& w, \
+                                 const std::optional<at::Tensor>& b,                              \
+                                 const std::optional<at::Tensor>& prelu_w, double eps,            \
+                                 int64_t act, double slope);                                      \
   /* the training forward and the backward, whole: (y, mean, invstd, var), */                     \
   /* (grad_input, sum_dz, sum_dz_xhat, grad_prelu) */                                             \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(                \

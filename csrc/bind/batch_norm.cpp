@@ -18,6 +18,9 @@
         py::arg("grad_output"), py::arg("input"), py::arg("mean"), py::arg("invstd"),             \
         py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"), py::arg("sum_dz"),           \
         py::arg("sum_dz_xhat"), py::arg("count"), py::arg("act"), py::arg("slope"), DROP);        \
+  m.def("batch_norm_act_eval", &ns::batch_norm_act_eval, py::arg("input"), py::arg("running_mean"), \
+        py::arg("running_var"), py::arg("weight"), py::arg("bias"), py::arg("prelu_weight"),      \
+        py::arg("eps"), py::arg("act"), py::arg("slope"));                                        \
   m.def("batch_norm_act_train", &ns::batch_norm_act_train, py::arg("input"), py::arg("weight"),   \
         py::arg("bias"), py::arg("prelu_weight"), py::arg("eps"), py::arg("act"),                 \
         py::arg("slope"), DROP);                                                                  \

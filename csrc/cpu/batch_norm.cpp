@@ -176,6 +176,29 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, c
   return y;
 }
 
+at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+                               const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope) {
+  check_cpu(x, "input");
+  check_batch_norm_args(x, running_mean, running_var, w, b, prelu_w, act);
+  const at::Tensor xd = dense(x);
+  at::Tensor y = new_output(xd);
+  // torch's eval statistics: mean and var rounded to the compute type, invstd = 1 / sqrt(var + eps)
+  // there (the same bits as its rsqrt); computed here, two tensor ops less per call on small inputs
+  const bool as_float = acc_type(x) == at::kFloat;
+  const int64_t channels = xd.size(1);
+  std::vector<double> mean = doubles(running_mean, channels, as_float), invstd = doubles(running_var, channels, as_float);
+  for (double& v : invstd)
+    v = as_float ? double(1.0f / std::sqrt(float(v) + float(eps))) : 1.0 / std::sqrt(v + eps);
+  const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), mean, invstd);
+  DLK_DISPATCH_BN(x, "batch_norm_act_eval", [&] {
+    if (xd.numel() == 0) return;
+    const ChannelView v = channel_view(xd, channels);
+    path_ops<scalar_t>(v).forward(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, v, nullptr);
+  });
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
     const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope, double p, int64_t seed) {

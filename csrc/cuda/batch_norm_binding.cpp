@@ -4,6 +4,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/rsqrt.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -132,6 +133,18 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean,
                 geo.shape, geo.grid, stream());
   check_launch();
   return y;
+}
+
+at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+                               const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope) {
+  check_cuda(x, "input");
+  check_batch_norm_args(x, running_mean, running_var, w, b, prelu_w, act);
+  const c10::cuda::CUDAGuard guard(x.device());
+  // torch's eval statistics: in the compute type, invstd = rsqrt(var + eps) there
+  const auto acc = acc_type(x);
+  return batch_norm_act_forward(x, running_mean.to(acc), at::rsqrt(running_var.to(acc) + eps), w, b, prelu_w, act,
+                                slope, 0.0, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce(

@@ -118,8 +118,7 @@ _train_dropout.register_autograd(_train_dropout_backward, setup_context=_train_d
 @custom_op("dlkernels::batch_norm_act_eval", mutates_args=())
 def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
           prelu_weight: Tensor | None, eps: float, act: int, slope: float) -> Tensor:
-    mean, invstd = _eval_stats(x, running_mean, running_var, eps)
-    return kernels("batch_norm_act_forward", x)(x, mean, invstd, weight, bias, prelu_weight, act, slope)
+    return kernels("batch_norm_act_eval", x)(x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope)
 
 
 def _eval_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:

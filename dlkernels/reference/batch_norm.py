@@ -14,6 +14,9 @@ Backend contract (every backend module of the family has these functions, same a
   sum_dz_xhat, count, act, slope) -> grad_input``:
   ``weight * invstd * (dz - sum_dz / count - xhat * sum_dz_xhat / count)``; eval mode passes zero
   sums, which leaves ``dz * weight * invstd``.
+- ``batch_norm_act_eval(x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope) -> y``:
+  the eval forward, with torch's statistics (mean and ``rsqrt(running_var + eps)`` in the compute
+  type); ``compose_eval`` builds it from the forward (the CPU computes them in its call).
 - ``batch_norm_act_train(x, weight, bias, prelu_weight, eps, act, slope) -> (y, mean, invstd, var)``:
   the training forward whole (statistics, ``invstd = rsqrt(var + eps)``, forward), so a backend
   may schedule its two passes together (the CPU runs them per channel, the second from cache).
@@ -150,6 +153,21 @@ def compose_train(stats: Callable, forward: Callable) -> Callable:
     return batch_norm_act_train
 
 
+def compose_eval(forward: Callable) -> Callable:
+    """A backend's batch_norm_act_eval from its batch_norm_act_forward: torch's eval statistics, the
+    running mean and variance in the compute type and ``invstd = rsqrt(running_var + eps)`` there (a
+    small eps added to an fp16 variance would underflow)."""
+
+    def batch_norm_act_eval(x, running_mean, running_var, weight, bias, prelu_weight, eps: float, act: int,
+                            slope: float):
+        c = compute_dtype(x)
+        mean = running_mean if running_mean.dtype == c else running_mean.to(c)  # no .to(same): opcheck
+        var = running_var if running_var.dtype == c else running_var.to(c)
+        return forward(x, mean, torch.rsqrt(var + eps), weight, bias, prelu_weight, act, slope)
+
+    return batch_norm_act_eval
+
+
 def compose_backward(reduce: Callable, elemt: Callable) -> Callable:
     """A backend's batch_norm_act_backward from its backward_reduce and backward_elemt."""
 
@@ -166,4 +184,5 @@ def compose_backward(reduce: Callable, elemt: Callable) -> Callable:
 
 
 batch_norm_act_train = compose_train(batch_norm_stats, batch_norm_act_forward)
+batch_norm_act_eval = compose_eval(batch_norm_act_forward)
 batch_norm_act_backward = compose_backward(batch_norm_act_backward_reduce, batch_norm_act_backward_elemt)
