@@ -17,7 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::dict info;
 #ifdef DLK_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA C++ kernels");
-  for (const auto& family : dlk::family_bindings()) family.bind_cuda(cuda);
+  for (const auto& family : dlk::family_bindings())
+    if (family.bind_cuda != nullptr) family.bind_cuda(cuda);
   info["cuda"] = true;
   info["cuda_arch_list"] = DLK_CUDA_ARCH_LIST;
 #else

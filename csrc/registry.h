@@ -12,7 +12,7 @@ namespace dlk {
 struct FamilyBinding {
   const char* family;
   void (*bind_cpu)(pybind11::module_&);
-  void (*bind_cuda)(pybind11::module_&);  // null in a CPU-only build
+  void (*bind_cuda)(pybind11::module_&);  // null in a CPU-only build, or for a CPU-only helper
 };
 
 // Function-local static: filled by static initializers of the bind files, in any order.
@@ -38,3 +38,9 @@ struct RegisterFamily {
   static const ::dlk::RegisterFamily dlk_register_##family({                                     \
       #family, [](pybind11::module_& m) { namespace py = pybind11; BIND(m, ::dlk::cpu) },          \
       DLK_BIND_CUDA_FN(family, BIND)})
+
+// Bindings on the `cpu` submodule only: host-side helpers of a family with no CUDA counterpart
+// (e.g. batch norm's running-statistics update on CPU buffers).
+#define DLK_REGISTER_CPU_ONLY(name, BIND_CPU)                                                    \
+  static const ::dlk::RegisterFamily dlk_register_##name({                                       \
+      #name, [](pybind11::module_& m) { namespace py = pybind11; BIND_CPU(m) }, nullptr})

@@ -615,3 +615,16 @@ def test_batch_norm_on_gpu(backend, dtype, layout, act):
             torch.testing.assert_close(a.to(b.dtype), b, **tol)
         torch.testing.assert_close(ours.running_mean, bn.running_mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours.running_var, bn.running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_running_stats_update_is_an_inplace_op():
+    """The CPU update of the running statistics (one C++ call) bumps the buffers' version counters as
+    torch's in-place ops do: a backward through an eval forward that saved them sees the change."""
+    bn = dnn.BatchNormAct2d(3, activation="relu")
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    versions = bn.running_mean._version, bn.running_var._version
+    y = bn.eval()(x)  # saves the running statistics for its backward
+    bn.train()(torch.randn(4, 3, 2, 2))
+    assert bn.running_mean._version > versions[0] and bn.running_var._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -44,3 +44,11 @@
       double slope, bool training, double p, int64_t seed);
 
 DLK_DECLARE_API(DLK_BATCH_NORM_API)
+
+namespace dlk::cpu {
+// running = momentum * batch + (1 - momentum) * running, in float64 as torch's CPU batch norm
+// (the variance unbiased: var * count / (count - 1)), in place on contiguous float32/float64 [C]
+// buffers, their version counters bumped as an in-place op would.
+void batch_norm_update_stats_(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                              const at::Tensor& var, int64_t count, double momentum);
+}  // namespace dlk::cpu

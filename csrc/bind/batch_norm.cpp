@@ -29,3 +29,10 @@
         py::arg("prelu_weight"), py::arg("act"), py::arg("slope"), py::arg("training"), DROP);
 
 DLK_REGISTER_FAMILY(batch_norm, BIND);
+
+// CPU-only: the running-statistics update of CPU buffers (dlkernels/ops/batch_norm.py's fast path).
+#define BIND_CPU_ONLY(m)                                                                          \
+  m.def("batch_norm_update_stats_", &::dlk::cpu::batch_norm_update_stats_, py::arg("running_mean"), \
+        py::arg("running_var"), py::arg("mean"), py::arg("var"), py::arg("count"), py::arg("momentum"));
+
+DLK_REGISTER_CPU_ONLY(batch_norm_cpu, BIND_CPU_ONLY);

@@ -199,6 +199,31 @@ at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_me
   return y;
 }
 
+void batch_norm_update_stats_(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                              const at::Tensor& var, int64_t count, double momentum) {
+  const int64_t c = running_mean.numel();
+  for (const at::Tensor* t : {&running_mean, &running_var}) {
+    check_cpu(*t, "running statistics");
+    TORCH_CHECK(t->is_contiguous() && t->numel() == c && t->scalar_type() == running_mean.scalar_type() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+                "dlkernels batch_norm_update_stats_: contiguous float32/float64 buffers of one size and dtype");
+  }
+  TORCH_CHECK(mean.numel() == c && var.numel() == c, "dlkernels batch_norm_update_stats_: ", c, " channels expected");
+  // first, as an in-place op: it raises (nothing written) for an inference tensor outside inference mode
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
+  const std::vector<double> mu = doubles(mean), v = doubles(var);
+  const double unbias = double(count) / double(std::max<int64_t>(count - 1, 1));
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "batch_norm_update_stats_", [&] {
+    scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c; ++i) {
+      rm[i] = scalar_t(momentum * mu[i] + (1 - momentum) * double(rm[i]));
+      rv[i] = scalar_t(momentum * (v[i] * unbias) + (1 - momentum) * double(rv[i]));
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_train(
     const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& prelu_w, double eps, int64_t act, double slope, double p, int64_t seed) {
