@@ -155,6 +155,20 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
   return {mean.to(acc_type(x)), var.to(acc_type(x))};
 }
 
+namespace {
+// The normalize(+activate, +drop) pass over dense xd with the per-channel constants ks: the
+// forward and eval entry points differ only in where the statistics come from.
+at::Tensor normalize(const at::Tensor& xd, const Ks& ks, int64_t act, const BnDropout* d) {
+  at::Tensor y = new_output(xd);
+  DLK_DISPATCH_BN(xd, "batch_norm_act_forward", [&] {
+    if (xd.numel() == 0) return;
+    const ChannelView v = channel_view(xd, xd.size(1));
+    path_ops<scalar_t>(v).forward(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, v, d);
+  });
+  return y;
+}
+}  // namespace
+
 at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                   const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
                                   const std::optional<at::Tensor>& prelu_w, int64_t act, double slope, double p,
@@ -165,15 +179,8 @@ at::Tensor batch_norm_act_forward(const at::Tensor& x, const at::Tensor& mean, c
   if (separate_dropout(xd, p))
     return dropout(batch_norm_act_forward(xd, mean, invstd, w, b, prelu_w, act, slope, 0.0, 0), p, seed, false);
   const std::optional<BnDropout> drop = make_dropout(xd, p, seed);
-  at::Tensor y = new_output(xd);
-  const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd));
-  DLK_DISPATCH_BN(x, "batch_norm_act_forward", [&] {
-    if (xd.numel() == 0) return;
-    const ChannelView v = channel_view(xd, xd.size(1));
-    path_ops<scalar_t>(v).forward(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, v,
-                                  ptr(drop));
-  });
-  return y;
+  return normalize(xd, make_consts(channel_params(xd, w, b, prelu_w, act, slope), doubles(mean), doubles(invstd)),
+                   act, ptr(drop));
 }
 
 at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -182,7 +189,6 @@ at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_me
   check_cpu(x, "input");
   check_batch_norm_args(x, running_mean, running_var, w, b, prelu_w, act);
   const at::Tensor xd = dense(x);
-  at::Tensor y = new_output(xd);
   // torch's eval statistics: mean and var rounded to the compute type, invstd = 1 / sqrt(var + eps)
   // there (the same bits as its rsqrt); computed here, two tensor ops less per call on small inputs
   const bool as_float = acc_type(x) == at::kFloat;
@@ -190,13 +196,7 @@ at::Tensor batch_norm_act_eval(const at::Tensor& x, const at::Tensor& running_me
   std::vector<double> mean = doubles(running_mean, channels, as_float), invstd = doubles(running_var, channels, as_float);
   for (double& v : invstd)
     v = as_float ? double(1.0f / std::sqrt(float(v) + float(eps))) : 1.0 / std::sqrt(v + eps);
-  const Ks ks = make_consts(channel_params(xd, w, b, prelu_w, act, slope), mean, invstd);
-  DLK_DISPATCH_BN(x, "batch_norm_act_eval", [&] {
-    if (xd.numel() == 0) return;
-    const ChannelView v = channel_view(xd, channels);
-    path_ops<scalar_t>(v).forward(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), act, ks, v, nullptr);
-  });
-  return y;
+  return normalize(xd, make_consts(channel_params(xd, w, b, prelu_w, act, slope), mean, invstd), act, nullptr);
 }
 
 void batch_norm_update_stats_(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,

@@ -84,10 +84,8 @@ void strip_pass(const ChannelView& v, const std::array<const S*, N>& in, S* out,
       compute(iv, buf[N], rows);
       if (d != nullptr && drop_out)
         store_dropped(*d, buf[N], out, off, m, wb);
-      else if (nt)
-        store_out(buf[N], out + off, m, nt);
       else
-        store_block(buf[N], out + off, m);
+        store_block(buf[N], out + off, m, nt);
     }
     if (nt) stream_fence();
   });

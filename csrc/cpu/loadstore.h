@@ -68,8 +68,9 @@ DLK_INLINE void store(const C* buf, S* p, int64_t m) {
   if constexpr (!std::is_same_v<S, C>) from_float(buf, p, m);
 }
 
-// load() and store() that always go through `buf`, copying storage of type C as well: a loop
-// that walks its block column-wise runs faster from an L1 copy made in one sequential sweep.
+// load() that always goes through `buf`, copying storage of type C as well: a loop that walks its
+// block column-wise runs faster from an L1 copy made in one sequential sweep (store_block below
+// writes such a block back).
 template <typename S, typename C>
 DLK_INLINE const C* load_block(const S* p, C* buf, int64_t m) {
   if constexpr (std::is_same_v<S, C>) {
@@ -80,14 +81,7 @@ DLK_INLINE const C* load_block(const S* p, C* buf, int64_t m) {
   return buf;
 }
 
-template <typename C, typename S>
-DLK_INLINE void store_block(const C* buf, S* p, int64_t m) {
-  if constexpr (std::is_same_v<S, C>) {
-    std::memcpy(p, buf, m * sizeof(S));
-  } else {
-    from_float(buf, p, m);
-  }
-}
+
 
 // ---- streaming (non-temporal) stores, for outputs larger than the last-level cache ----
 // Such an output is evicted before anyone reads it, and a plain store first reads each line for
@@ -113,6 +107,18 @@ template <typename C, typename S>
 DLK_INLINE void store_out(const C* buf, S* p, int64_t m, bool nt) {
   if constexpr (std::is_same_v<S, C>) {
     if (nt) stream_copy(buf, p, m);
+  } else {
+    from_float(buf, p, m);
+  }
+}
+
+// store() for a loop that always computes into its L1 block `buf`: a copy for storage of type C
+// as well, streamed when `nt`.
+template <typename C, typename S>
+DLK_INLINE void store_block(const C* buf, S* p, int64_t m, bool nt = false) {
+  if constexpr (std::is_same_v<S, C>) {
+    if (nt) stream_copy(buf, p, m);
+    else std::memcpy(p, buf, m * sizeof(S));
   } else {
     from_float(buf, p, m);
   }

@@ -30,7 +30,7 @@ from dlkernels._dtypes import REDUCED_DTYPES, compute_dtype
 from dlkernels.ops import _checks
 from dlkernels.ops._op import custom_op, eager_call
 from dlkernels.ops.dropout import _SEEDED, _check_p, _seed_arg, _seed_fake, _seed_used
-from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU
+from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU, eval_stats
 
 _FAMILY = "batch_norm"
 FUNCTIONAL = ("batch_norm", "batch_norm_act")
@@ -71,7 +71,7 @@ def _input_grads(ctx, grad: Tensor, need: tuple[bool, bool, bool, bool]) -> list
     """Gradients for (x, weight, bias, prelu_weight), None where not needed."""
     x, weight, bias, prelu_weight, mean, invstd, *seed = ctx.saved_tensors  # the seed: under dropout
     if not ctx.training:  # eval saved the running statistics: the backward derives invstd
-        mean, invstd = _eval_stats(x, mean, invstd, ctx.eps)
+        mean, invstd = eval_stats(x, mean, invstd, ctx.eps)
     drop = (ctx.p, seed[0]) if seed else ()
     grads = _backward_op(grad, x, weight, bias, prelu_weight, mean, invstd, ctx.act, ctx.slope, ctx.training, *drop)
     return [g if n else None for g, n in zip(grads, need, strict=True)]
@@ -120,16 +120,6 @@ _train_dropout.register_autograd(_train_dropout_backward, setup_context=_train_d
 def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
           prelu_weight: Tensor | None, eps: float, act: int, slope: float) -> Tensor:
     return kernels("batch_norm_act_eval", x)(x, running_mean, running_var, weight, bias, prelu_weight, eps, act, slope)
-
-
-def _eval_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    # in the compute dtype, as torch: a small eps added to fp16 running_var would underflow
-    return _as(running_mean, compute_dtype(x)), torch.rsqrt(_as(running_var, compute_dtype(x)) + eps)
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # Tensor.to(same dtype) returns its input, which opcheck's schema test rejects inside an op.
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 @_eval.register_fake

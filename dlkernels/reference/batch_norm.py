@@ -153,17 +153,21 @@ def compose_train(stats: Callable, forward: Callable) -> Callable:
     return batch_norm_act_train
 
 
+def eval_stats(x, running_mean, running_var, eps: float):
+    """torch's eval statistics: (mean, invstd) with the running mean and variance in the compute type and
+    ``invstd = rsqrt(running_var + eps)`` there (a small eps added to an fp16 variance would underflow)."""
+    c = compute_dtype(x)
+    mean = running_mean if running_mean.dtype == c else running_mean.to(c)  # no .to(same): opcheck
+    var = running_var if running_var.dtype == c else running_var.to(c)
+    return mean, torch.rsqrt(var + eps)
+
+
 def compose_eval(forward: Callable) -> Callable:
-    """A backend's batch_norm_act_eval from its batch_norm_act_forward: torch's eval statistics, the
-    running mean and variance in the compute type and ``invstd = rsqrt(running_var + eps)`` there (a
-    small eps added to an fp16 variance would underflow)."""
+    """A backend's batch_norm_act_eval from its batch_norm_act_forward and ``eval_stats``."""
 
     def batch_norm_act_eval(x, running_mean, running_var, weight, bias, prelu_weight, eps: float, act: int,
                             slope: float):
-        c = compute_dtype(x)
-        mean = running_mean if running_mean.dtype == c else running_mean.to(c)  # no .to(same): opcheck
-        var = running_var if running_var.dtype == c else running_var.to(c)
-        return forward(x, mean, torch.rsqrt(var + eps), weight, bias, prelu_weight, act, slope)
+        return forward(x, *eval_stats(x, running_mean, running_var, eps), weight, bias, prelu_weight, act, slope)
 
     return batch_norm_act_eval
 
