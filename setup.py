@@ -70,7 +70,8 @@ def _write_codes_header() -> None:
 
 _write_codes_header()
 with_cuda = _want_cuda(torch.version.cuda, root)
-sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/bind/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/bind/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")) \
+    + sorted(glob.glob("csrc/eager/*.cpp"))
 # -fno-math-errno: sqrt that may set errno is a call GCC will not vectorize (optim kernels).
 # -fno-trapping-math: lets GCC compute both sides of a select (`x > 0 ? x : x * s`) and blend,
 # so those loops vectorize on AVX2 and SSE2 too (AVX-512 masks them either way); no value changes,

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/simd.h"
+#include "eager/eager.h"
 #include "registry.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "SIMD level the CPU kernels run at: avx512, avx2 or default (DLK_CPU_CAPABILITY lowers it)");
   cpu.def("native_capability", [] { return dlk::cpu::capability_name(dlk::cpu::native_capability()); },
           "the best SIMD level this CPU supports");
+
+  auto eager = m.def_submodule("eager", "one-call eager entries for plain CPU calls (csrc/eager/eager.h)");
+  for (const auto& family : dlk::eager::eager_bindings()) family.bind(eager);
 
   py::dict info;
 #ifdef DLK_WITH_CUDA

@@ -64,6 +64,14 @@ _check_cpu_capability()
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("dlk_backend", default=None)
 
+# The eager fast path (csrc/eager/eager.h): C++ entries that run the cpu backend's kernels on plain
+# CPU calls and return None otherwise. They take it only when this rule would pick "cpu" for CPU
+# tensors (use_backend(None or "cpu"), else DLK_BACKEND unset, "auto" or "cpu"), which they read from
+# this ContextVar and the environment themselves.
+eager = getattr(_C, "eager", None)
+if eager is not None:
+    eager.set_backend_var(_override)
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run here (the message says what is missing)."""

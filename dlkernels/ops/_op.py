@@ -90,6 +90,20 @@ class Op:
         return self.custom(*args)
 
 
+def _not_handled(*args: Any) -> None:
+    return None
+
+
+def eager_entry(name: str) -> Callable[..., Any]:
+    """``dlkernels._C.eager.<name>``: one C++ call (checks, kernel, autograd node) for a plain eager call
+    on CPU tensors, returning None for any other call, which then takes the op path (csrc/eager/eager.h).
+    Call it only when not compiling (``_is_compiling()``): dynamo cannot trace into C++.
+    Without the extension, an entry that handles nothing."""
+    from dlkernels._backend import eager
+
+    return getattr(eager, name, _not_handled)
+
+
 def custom_op(qualname: str, *, mutates_args: tuple[str, ...] = (), tags: tuple = ()) -> Callable[[Callable], Op]:
     """Decorator: ``torch.library.custom_op(qualname, mutates_args=..., tags=...)`` with the eager
     fast path."""

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from dlkernels._backend import impl, use_backend
 from dlkernels.ops import _checks
-from dlkernels.ops._op import custom_op
+from dlkernels.ops._op import _is_compiling, custom_op, eager_entry
 
 _FAMILY = "activation"
 FUNCTIONAL = ("leaky_relu", "prelu")
@@ -24,6 +24,11 @@ _INPLACE_NEGATIVE_SLOPE = (
     "call out-of-place version instead. File an issue at https://github.com/pytorch/pytorch if you "
     "do require supporting in-place leakRelu backward calculation with negative slope"
 )
+
+
+# The eager fast path of the public functions (plain CPU calls in one C++ call; csrc/eager/activation.cpp)
+_eager_leaky_relu = eager_entry("leaky_relu")
+_eager_prelu = eager_entry("prelu")
 
 
 # ---- leaky ReLU ----
@@ -105,6 +110,10 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
     With ``inplace=True`` the input is overwritten and returned; as in torch, backward through an
     in-place call with a negative slope raises (the input's sign can no longer be recovered).
     """
+    if not inplace and not _is_compiling():
+        y = _eager_leaky_relu(input, negative_slope)
+        if y is not None:
+            return y
     _checks.tensor_arg("leaky_relu", "input", 1, input)
     slope = _checks.number_arg("leaky_relu", "negative_slope", 2, negative_slope)
     _checks.float_dtype("leaky_relu", input)
@@ -183,6 +192,10 @@ def prelu(input: Tensor, weight: Tensor) -> Tensor:
 
     ``weight`` has one element (shared) or ``input.size(1)`` elements.
     """
+    if not _is_compiling():
+        y = _eager_prelu(input, weight)
+        if y is not None:
+            return y
     _check_prelu(input, weight)
     return _prelu(input, weight)
 

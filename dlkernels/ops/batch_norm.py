@@ -28,7 +28,7 @@ from dlkernels import _backend
 from dlkernels._backend import impl, use_backend
 from dlkernels._dtypes import REDUCED_DTYPES, compute_dtype
 from dlkernels.ops import _checks
-from dlkernels.ops._op import custom_op, eager_call
+from dlkernels.ops._op import _is_compiling, custom_op, eager_call, eager_entry
 from dlkernels.ops.dropout import _SEEDED, _check_p, _seed_arg, _seed_fake, _seed_used
 from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU, eval_stats
 
@@ -170,6 +170,9 @@ def _(grad, x, weight, bias, prelu_weight, mean, invstd, act, slope, training, p
 
 # ---- public entry: torch's checks, then the ops, then the running statistics ----
 
+# The eager fast path: a plain CPU call without dropout in one C++ call (csrc/eager/batch_norm.cpp)
+_eager_batch_norm_act = eager_entry("batch_norm_act")
+
 
 
 def _check_dtypes(input: Tensor, params: list[Tensor | None]) -> None:
@@ -250,6 +253,11 @@ def batch_norm_act(input: Tensor, running_mean: Tensor | None, running_var: Tens
     saved. ``seed`` (an int) or ``generator`` (one 64-bit draw) fixes the mask; by default the op
     draws one value from torch's default CPU generator. The running statistics are those of the
     input, as without dropout; eval (``training=False``) applies no dropout and draws nothing."""
+    if seed is None and generator is None and not _is_compiling():
+        y = _eager_batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                                  negative_slope, prelu_weight, dropout)
+        if y is not None:
+            return y
     _check(input, running_mean, running_var, weight, bias, training, eps, activation, prelu_weight)
     act = ACTIVATIONS[activation]
     slope = _checks.number_arg("batch_norm_act", "negative_slope", 10, negative_slope)
