@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 _Parameter = torch.nn.Parameter
@@ -27,6 +28,15 @@ _function_modes = torch._C._is_torch_function_mode_enabled
 _tracing = torch._C._get_tracing_state
 _functorch = torch._C._functorch.peek_interpreter_stack
 _grad_enabled = torch.is_grad_enabled
+
+
+def _check_no_tangents(name: str, args: tuple) -> None:
+    """dlkernels ops have no forward-mode AD formula (jvp): raise, as torch does for such ops, rather
+    than return an output without a tangent (which is what the custom op would do)."""
+    for a in args:
+        for t in (a if type(a) in (list, tuple) else (a,)):
+            if isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(f"Trying to use forward AD with {name} that does not support it")
 
 
 def eager_call(args: tuple) -> int:
@@ -82,6 +92,8 @@ class Op:
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args: Any) -> Any:
+        if _forward_ad._current_level >= 0:  # inside a dual_level block: a tangent would be lost
+            _check_no_tangents(self.custom._qualname, args)
         how = eager_call(args)
         if how == 1:
             return self.fn(*args)
