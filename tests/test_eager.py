@@ -163,8 +163,8 @@ def test_gradcheck_float64():
     rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
     assert torch.autograd.gradcheck(F.prelu, (x, p))
     for training in (True, False):
-        fn = lambda x, w, b, p: F.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training,  # noqa: E731
-                                                 activation="prelu", prelu_weight=p)
+        fn = lambda x, w, b, p, t=training: F.batch_norm_act(x, rm.clone(), rv.clone(), w, b, t,  # noqa: E731
+                                                              activation="prelu", prelu_weight=p)
         assert torch.autograd.gradcheck(fn, (x, w, b, p))
 
 

@@ -174,7 +174,6 @@ def _(grad, x, weight, bias, prelu_weight, mean, invstd, act, slope, training, p
 _eager_batch_norm_act = eager_entry("batch_norm_act")
 
 
-
 def _check_dtypes(input: Tensor, params: list[Tensor | None]) -> None:
     """torch's CPU rule: parameters share the input's dtype, or are all float32 for fp16/bf16 input."""
     dtypes = {p.dtype for p in params if p is not None}
