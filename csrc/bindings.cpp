@@ -1,22 +1,23 @@
 // The Python module dlkernels._C: submodule `cpu` always, `cuda` when built with CUDA, each holding
-// the kernels of every family registered by csrc/bind/<family>.cpp (see registry.h).
+// the kernels of every family registered by csrc/bind/<family>.cpp, and `eager`, the entries of
+// csrc/eager/<family>.cpp (see registry.h).
 #include <torch/extension.h>
 
 #include "cpu/simd.h"
-#include "eager/eager.h"
 #include "registry.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlkernels compiled kernels";
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels (OpenMP + SIMD)");
-  for (const auto& family : dlk::family_bindings()) family.bind_cpu(cpu);
+  auto eager = m.def_submodule("eager", "one-call eager entries for plain CPU calls (csrc/eager/eager.h)");
+  for (const auto& family : dlk::family_bindings()) {
+    if (family.bind_cpu != nullptr) family.bind_cpu(cpu);
+    if (family.bind_eager != nullptr) family.bind_eager(eager);
+  }
   cpu.def("capability", [] { return dlk::cpu::capability_name(dlk::cpu::capability()); },
           "SIMD level the CPU kernels run at: avx512, avx2 or default (DLK_CPU_CAPABILITY lowers it)");
   cpu.def("native_capability", [] { return dlk::cpu::capability_name(dlk::cpu::native_capability()); },
           "the best SIMD level this CPU supports");
-
-  auto eager = m.def_submodule("eager", "one-call eager entries for plain CPU calls (csrc/eager/eager.h)");
-  for (const auto& family : dlk::eager::eager_bindings()) family.bind(eager);
 
   py::dict info;
 #ifdef DLK_WITH_CUDA

@@ -2,6 +2,8 @@
 //   DLK_REGISTER_FAMILY(<family>, BIND)   with   #define BIND(m, ns) m.def("op", &ns::op, ...);
 // and bindings.cpp, which knows no family, calls every registered BIND on the `cpu` submodule
 // (namespace dlk::cpu) and, in a CUDA build, on the `cuda` submodule (namespace dlk::cuda).
+// csrc/eager/<family>.cpp registers its one-call eager entries the same way, for the `eager`
+// submodule: DLK_REGISTER_EAGER(<family>, bind) with void bind(pybind11::module_&).
 #pragma once
 #include <torch/extension.h>
 
@@ -9,10 +11,12 @@
 
 namespace dlk {
 
+// What one registration binds on each submodule; null where it binds nothing there.
 struct FamilyBinding {
   const char* family;
   void (*bind_cpu)(pybind11::module_&);
   void (*bind_cuda)(pybind11::module_&);  // null in a CPU-only build, or for a CPU-only helper
+  void (*bind_eager)(pybind11::module_&) = nullptr;
 };
 
 // Function-local static: filled by static initializers of the bind files, in any order.
@@ -44,3 +48,7 @@ struct RegisterFamily {
 #define DLK_REGISTER_CPU_ONLY(name, BIND_CPU)                                                    \
   static const ::dlk::RegisterFamily dlk_register_##name({                                       \
       #name, [](pybind11::module_& m) { namespace py = pybind11; BIND_CPU(m) }, nullptr})
+
+// Eager entries (csrc/eager/eager.h) on the `eager` submodule.
+#define DLK_REGISTER_EAGER(name, bind) \
+  static const ::dlk::RegisterFamily dlk_register_eager_##name({#name, nullptr, nullptr, bind})

@@ -11,7 +11,8 @@ from enum import IntEnum
 
 
 class Activation(IntEnum):
-    """Activation fused after a normalization: C++ ``dlk::Act`` (kActNone, kActRelu, ...)."""
+    """Activation fused after a normalization: C++ ``dlk::Act`` (kActNone, kActRelu, ...). Python names
+    them by the lower-case member name ("relu", "leaky_relu", "prelu"), and NONE by None."""
 
     NONE = 0
     RELU = 1
@@ -28,7 +29,8 @@ class LcnDivisor(IntEnum):
 
 
 # Each enum -> (C++ type name, prefix of its C++ constants); a constant is the prefix + the
-# member's name in CamelCase (LEAKY_RELU -> kActLeakyRelu).
+# member's name in CamelCase (LEAKY_RELU -> kActLeakyRelu), and <prefix>Names lists the Python names
+# (the members' names in lower case) by value (kActNames[kActLeakyRelu] is "leaky_relu").
 CPP_ENUMS: dict[type[IntEnum], tuple[str, str]] = {
     Activation: ("Act", "kAct"),
     LcnDivisor: ("LcnDivisor", "kLcnDivisor"),
@@ -41,6 +43,9 @@ def cpp_header() -> str:
              "#pragma once", "", "namespace dlk {", ""]
     for enum, (name, prefix) in CPP_ENUMS.items():
         members = ", ".join(f"{prefix}{m.name.title().replace('_', '')} = {m.value}" for m in enum)
-        lines += [f"enum {name} : int {{ {members} }};", ""]
+        assert [m.value for m in enum] == list(range(len(enum))), f"{name}: values 0, 1, ... (they index the names)"
+        names = ", ".join(f'"{m.name.lower()}"' for m in enum)
+        lines += [f"enum {name} : int {{ {members} }};",
+                  f"inline constexpr const char* {prefix}Names[] = {{{names}}};", ""]
     lines += ["}  // namespace dlk", ""]
     return "\n".join(lines)

@@ -13,7 +13,6 @@ namespace dlk::cpu {
 
 constexpr int kLanes = 64;  // independent accumulators: vectorizable reductions, 4+ vector add chains
 
-
 // Mean, M2 and residual of one block, two passes (the block is in L1 for the second). The
 // residual r = sum(x - mean) makes it the corrected two-pass algorithm: the caller takes
 // mean + r / n (in double) and M2 - r^2 / n, which removes the float rounding of the first sum

@@ -31,7 +31,6 @@ namespace {
 #define R __restrict__
 constexpr int kLanes = 32;  // independent accumulators: vectorizable reductions
 
-
 // Of v = x - shift: out = {m0, r, q} with the first-pass mean m0 = sum(v) / n, r = sum(v - m0) and
 // q = sum((v - m0)^2). The shift (the example's first value) makes a constant example's moments
 // exactly (value, 0) and keeps precision when |mean| >> std.

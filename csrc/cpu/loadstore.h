@@ -81,8 +81,6 @@ DLK_INLINE const C* load_block(const S* p, C* buf, int64_t m) {
   return buf;
 }
 
-
-
 // ---- streaming (non-temporal) stores, for outputs larger than the last-level cache ----
 // Such an output is evicted before anyone reads it, and a plain store first reads each line for
 // ownership: streaming a block computed in L1 saves that read (8% on a 51 MB leaky ReLU here).

@@ -11,28 +11,33 @@ using torch::autograd::Function;
 
 at::Tensor leaky_backward(const at::Tensor& grad, const at::Tensor& x, double slope);
 
+// Both leaky nodes save x and the slope, and the gradient through either is leaky_backward of the
+// incoming gradient: the backward is linear in grad, so the double backward is the same op.
+void save_leaky(AutogradContext* ctx, const at::Tensor& x, double slope) {
+  ctx->save_for_backward({x});
+  ctx->saved_data["slope"] = slope;
+}
+at::Tensor leaky_grad(AutogradContext* ctx, const at::Tensor& grad) {
+  return leaky_backward(grad, ctx->get_saved_variables()[0], ctx->saved_data["slope"].toDouble());
+}
+
 struct LeakyRelu : Function<LeakyRelu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double slope) {
-    ctx->save_for_backward({x});
-    ctx->saved_data["slope"] = slope;
+    save_leaky(ctx, x, slope);
     return cpu::leaky_relu(x, slope);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {leaky_backward(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["slope"].toDouble()),
-            at::Tensor()};
+    return {leaky_grad(ctx, grads[0]), at::Tensor()};
   }
 };
 
-// The backward is linear in grad, so its own gradient (double backward) is the same op.
 struct LeakyReluBackward : Function<LeakyReluBackward> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& x, double slope) {
-    ctx->save_for_backward({x});
-    ctx->saved_data["slope"] = slope;
+    save_leaky(ctx, x, slope);
     return cpu::leaky_relu_backward(grad, x, slope);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {leaky_backward(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["slope"].toDouble()),
-            at::Tensor(), at::Tensor()};
+    return {leaky_grad(ctx, grads[0]), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -8,6 +8,7 @@
 #include "eager.h"
 
 #include <cstring>
+#include <iterator>
 
 namespace dlk::eager {
 namespace {
@@ -91,22 +92,24 @@ struct Eval : Function<Eval> {
   }
 };
 
+// activation=: None, or a name of codes.h's kActNames (Python's names; the string "none" is not one)
 bool activation_code(PyObject* obj, int64_t& act) {
   if (obj == Py_None) {
     act = kActNone;
     return true;
   }
-  if (!PyUnicode_CheckExact(obj)) return false;
-  const char* s = PyUnicode_AsUTF8(obj);
+  const char* s = PyUnicode_CheckExact(obj) ? PyUnicode_AsUTF8(obj) : nullptr;
   if (s == nullptr) {
     PyErr_Clear();
     return false;
   }
-  if (std::strcmp(s, "relu") == 0) act = kActRelu;
-  else if (std::strcmp(s, "leaky_relu") == 0) act = kActLeakyRelu;
-  else if (std::strcmp(s, "prelu") == 0) act = kActPrelu;
-  else return false;
-  return true;
+  for (int a = kActNone + 1; a < int(std::size(kActNames)); ++a) {
+    if (std::strcmp(s, kActNames[a]) == 0) {
+      act = a;
+      return true;
+    }
+  }
+  return false;
 }
 
 // torch's dtype rule for the CPU: parameters share the input's dtype, or are all float32 for fp16/bf16 input

@@ -121,7 +121,7 @@ void bind_eager(pybind11::module_& m) {
   m.def("plain_call", &plain_call, "whether a call here may take the eager fast path (tests)");
 }
 
-const RegisterEager register_shared({"_shared", bind_eager});
-
 }  // namespace
 }  // namespace dlk::eager
+
+DLK_REGISTER_EAGER(shared, &dlk::eager::bind_eager);

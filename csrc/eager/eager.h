@@ -11,6 +11,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include "../registry.h"
+
 #include <initializer_list>
 #include <optional>
 
@@ -51,21 +53,4 @@ inline pybind11::object wrap(at::Tensor t) {
 variable_list once_differentiable(variable_list outputs, std::initializer_list<const at::Tensor*> inputs,
                                   const std::string& message);
 
-// A family's eager entries: csrc/eager/<family>.cpp says DLK_REGISTER_EAGER(<family>, BIND) with
-// BIND(m) defining them on dlkernels._C.eager.
-struct EagerBinding {
-  const char* family;
-  void (*bind)(pybind11::module_&);
-};
-inline std::vector<EagerBinding>& eager_bindings() {
-  static std::vector<EagerBinding> all;
-  return all;
-}
-struct RegisterEager {
-  explicit RegisterEager(EagerBinding b) { eager_bindings().push_back(b); }
-};
-
 }  // namespace dlk::eager
-
-#define DLK_REGISTER_EAGER(family, BIND) \
-  static const ::dlk::eager::RegisterEager dlk_register_eager_##family({#family, BIND})

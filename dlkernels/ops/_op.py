@@ -19,6 +19,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from dlkernels._backend import eager as _eager
+
 _Parameter = torch.nn.Parameter
 _PLAIN = (Tensor, _Parameter)
 # Bound once: this runs on every op call.
@@ -111,9 +113,7 @@ def eager_entry(name: str) -> Callable[..., Any]:
     on CPU tensors, returning None for any other call, which then takes the op path (csrc/eager/eager.h).
     Call it only when not compiling (``_is_compiling()``): dynamo cannot trace into C++.
     Without the extension, an entry that handles nothing."""
-    from dlkernels._backend import eager
-
-    return getattr(eager, name, _not_handled)
+    return getattr(_eager, name, _not_handled)
 
 
 def custom_op(qualname: str, *, mutates_args: tuple[str, ...] = (), tags: tuple = ()) -> Callable[[Callable], Op]:

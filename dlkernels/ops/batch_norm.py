@@ -27,14 +27,16 @@ from torch import Tensor
 from dlkernels import _backend
 from dlkernels._backend import impl, use_backend
 from dlkernels._dtypes import REDUCED_DTYPES, compute_dtype
+from dlkernels.codes import Activation
 from dlkernels.ops import _checks
 from dlkernels.ops._op import _is_compiling, custom_op, eager_call, eager_entry
 from dlkernels.ops.dropout import _SEEDED, _check_p, _seed_arg, _seed_fake, _seed_used
-from dlkernels.reference.batch_norm import ACT_LEAKY_RELU, ACT_NONE, ACT_PRELU, ACT_RELU, eval_stats
+from dlkernels.reference.batch_norm import ACT_NONE, ACT_PRELU, eval_stats
 
 _FAMILY = "batch_norm"
 FUNCTIONAL = ("batch_norm", "batch_norm_act")
-ACTIVATIONS = {None: ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "prelu": ACT_PRELU}
+# activation= names (dlkernels/codes.py): None, then the members' names in lower case
+ACTIVATIONS = {None: ACT_NONE} | {a.name.lower(): int(a) for a in Activation if a != ACT_NONE}
 
 
 
